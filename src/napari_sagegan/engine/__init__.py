@@ -1,0 +1,1 @@
+"""The compute engine: plain PyTorch + NumPy. It never imports Qt, napari or magicgui."""
