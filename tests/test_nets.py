@@ -88,3 +88,22 @@ def test_segmentation_loss_terms():
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
     _, parts = segmentation_loss(logits, fg, None, TrainConfig(loss="ce_dice"))
     assert set(parts) == {"ce", "dice"}
+
+
+def test_batchnorm_folding_keeps_the_output():
+    from napari_sagegan.engine.nets.attention_unet import fuse_batchnorm
+
+    torch.manual_seed(0)
+    model = AttentionUNet(ArchConfig(base_channels=4, depth=2))
+    for mod in model.modules():  # non-trivial statistics, as after training
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-1, 1)
+            mod.running_var.uniform_(0.5, 2.0)
+            mod.weight.data.uniform_(0.5, 1.5)
+    model.eval()
+    fused = fuse_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # untouched
+    x = torch.randn(2, 1, 32, 48)
+    with torch.inference_mode():
+        assert torch.allclose(model(x), fused(x), atol=1e-5)

@@ -160,9 +160,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- segment
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .io.images import list_images, read_image, write_labels_tif
+    from .io.images import list_images, probe_image, read_image, write_labels_tif
 
     files = list_images(args.inputs)
+    for f in files:  # refuse a bad input before spending time on the good ones
+        probe_image(f)
     stems = [f.stem for f in files]
     dupes = sorted({s for s in stems if stems.count(s) > 1})
     if dupes:
@@ -303,7 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
+    print(f"sagegan: warning: {text}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
+    warnings.showwarning = _show_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

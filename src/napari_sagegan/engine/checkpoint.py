@@ -132,9 +132,14 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = "segmenter") -> 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "GLOBAL" in str(err).upper():
+            raise CheckpointError(
+                f"{path} was refused: it contains Python objects or code, not just weights "
+                "(a safe load runs nothing from it). Use a checkpoint written by napari-sagegan."
+            ) from err
         raise CheckpointError(
-            f"{path} was refused: it contains Python objects or code, not just weights "
-            "(a safe load runs nothing from it). Use a checkpoint written by napari-sagegan."
+            f"cannot read {path}: the file is damaged or is not a PyTorch checkpoint "
+            "(nothing in it was run)"
         ) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         raise CheckpointError(

@@ -19,6 +19,8 @@ per-instance normalised distance to the particle's edge, used to split touching 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -137,3 +139,24 @@ def maps_from_logits(logits: torch.Tensor) -> torch.Tensor:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def fuse_batchnorm(model: AttentionUNet) -> AttentionUNet:
+    """Return an inference copy of ``model`` with every BatchNorm folded into its convolution.
+
+    In eval mode ``BN(conv(x))`` is an affine map of ``conv(x)``, so it can be absorbed into
+    the convolution's weights and bias: same output (to float rounding), one pass less over
+    every feature map. Used by the segmenter for inference; never for training.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    fused = copy.deepcopy(model).eval()
+    for seq in fused.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        mods = list(seq)
+        for i in range(len(mods) - 1):
+            if isinstance(mods[i], nn.Conv2d) and isinstance(mods[i + 1], nn.BatchNorm2d):
+                seq[i] = fuse_conv_bn_eval(mods[i], mods[i + 1])
+                seq[i + 1] = nn.Identity()
+    return fused

@@ -1,0 +1,229 @@
+"""The `sagegan` command end to end on tiny data, and its answers to bad input."""
+
+import json
+import subprocess
+import sys
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import disc_image
+from napari_sagegan.cli import main
+
+
+def _write_pairs(root, n=4, seed=0):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        centres = [tuple(int(v) for v in rng.integers(12, 52, 2)) for _ in range(2)]
+        img, lab = disc_image((64, 64), centres, radius=7, seed=i)
+        iio.imwrite(root / "images" / f"im{i}.png", img)
+        iio.imwrite(root / "masks" / f"im{i}.png", lab.astype(np.uint16))
+    return root / "images", root / "masks"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    images, masks = _write_pairs(root)
+    model = root / "model.pt"
+    rc = main(
+        [
+            "train",
+            "--images",
+            str(images),
+            "--masks",
+            str(masks),
+            "--out",
+            str(model),
+            "--preset",
+            "tiny",
+            "--epochs",
+            "2",
+            "--steps-per-epoch",
+            "3",
+            "--patch-size",
+            "64",
+            "--batch-size",
+            "2",
+            "--seed",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert rc == 0
+    return root, images, masks, model
+
+
+def test_train_segment_evaluate(trained, capsys):
+    root, images, masks, model = trained
+    assert model.is_file()
+    out = root / "labels"
+    other = root / "other"
+    other.mkdir()
+    tifffile.imwrite(other / "im0.tif", iio.imread(images / "im0.png"))
+    rc = main(
+        [
+            "segment",
+            str(images),
+            str(other),
+            "--out",
+            str(out),
+            "--model",
+            str(model),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert rc == 2  # two different files named im0: their outputs would collide
+    assert not out.exists()
+    rc = main(["segment", str(images), "--out", str(out), "--model", str(model), "--device", "cpu"])
+    assert rc == 0
+    files = sorted(p.name for p in out.iterdir())
+    assert files == [f"im{i}.tif" for i in range(4)]
+    lab = tifffile.imread(out / "im0.tif")
+    assert lab.shape == (64, 64) and lab.dtype == np.uint16
+    assert not [p for p in root.iterdir() if p.name.startswith(".sagegan-")]
+    rc = main(["evaluate", "--pred", str(out), "--gt", str(masks), "--json", str(root / "m.json")])
+    assert rc == 0
+    report = json.loads((root / "m.json").read_text())
+    assert set(report["per_image"]) == {f"im{i}" for i in range(4)}
+    assert 0.0 <= report["mean"]["dice"] <= 1.0
+    assert "mean" in capsys.readouterr().out
+
+
+def test_segment_a_stack_writes_zyx(trained):
+    root, images, _masks, model = trained
+    stack = np.stack([iio.imread(images / f"im{i}.png") for i in range(3)])
+    tifffile.imwrite(root / "stack.tif", stack, photometric="minisblack")
+    out = root / "stack_out"
+    assert (
+        main(
+            [
+                "segment",
+                str(root / "stack.tif"),
+                "--out",
+                str(out),
+                "--model",
+                str(model),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert tifffile.imread(out / "stack.tif").shape == (3, 64, 64)
+
+
+def _run(args):
+    """Run the real console entry in a subprocess: exit code and stderr."""
+    p = subprocess.run(
+        [sys.executable, "-m", "napari_sagegan.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return p.returncode, p.stderr
+
+
+def test_bad_inputs_exit_with_one_line_and_no_output(trained, tmp_path):
+    root, images, masks, model = trained
+    out = tmp_path / "out"
+    cases = []
+    cases.append(
+        (
+            ["segment", str(tmp_path / "nope"), "--out", str(out), "--model", str(model)],
+            "does not exist",
+        )
+    )
+    # unreadable file among good ones: nothing at all is written
+    bad_dir = tmp_path / "mixed"
+    bad_dir.mkdir()
+    iio.imwrite(bad_dir / "a.png", iio.imread(images / "im0.png"))
+    (bad_dir / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    cases.append(
+        (["segment", str(bad_dir), "--out", str(out), "--model", str(model)], "cannot read")
+    )
+    # a 4-D array
+    tifffile.imwrite(tmp_path / "4d.tif", np.zeros((2, 2, 16, 16), np.uint8), imagej=True)
+    cases.append(
+        (["segment", str(tmp_path / "4d.tif"), "--out", str(out), "--model", str(model)], "shape")
+    )
+    # training: missing folder, no pairs, shapes that differ
+    cases.append(
+        (
+            [
+                "train",
+                "--images",
+                str(tmp_path / "nope"),
+                "--masks",
+                str(masks),
+                "--out",
+                str(tmp_path / "m.pt"),
+                "--epochs",
+                "1",
+            ],
+            "does not exist",
+        )
+    )
+    other = tmp_path / "other"
+    other.mkdir()
+    iio.imwrite(other / "zzz.png", np.zeros((8, 8), np.uint8))
+    cases.append(
+        (
+            [
+                "train",
+                "--images",
+                str(other),
+                "--masks",
+                str(masks),
+                "--out",
+                str(tmp_path / "m.pt"),
+                "--epochs",
+                "1",
+            ],
+            "no",
+        )
+    )
+    small = tmp_path / "small_masks"
+    small.mkdir()
+    iio.imwrite(small / "im0.png", np.zeros((32, 32), np.uint8))
+    cases.append(
+        (
+            [
+                "train",
+                "--images",
+                str(images),
+                "--masks",
+                str(small),
+                "--out",
+                str(tmp_path / "m.pt"),
+                "--epochs",
+                "1",
+            ],
+            "shape",
+        )
+    )
+    # a model file that is not a checkpoint
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    cases.append(
+        (
+            ["segment", str(images), "--out", str(out), "--model", str(tmp_path / "junk.pt")],
+            "damaged",
+        )
+    )
+    for args, needle in cases:
+        rc, err = _run(args)
+        assert rc != 0, args
+        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+        errors = [ln for ln in lines if ln.startswith("sagegan: error:")]
+        assert len(errors) == 1 and lines[-1] == errors[0], (args, err)
+        assert all(ln.startswith("sagegan: ") for ln in lines), err  # no traceback
+        assert needle in errors[0], (needle, errors[0])
+        assert not out.exists(), args
+        assert not (tmp_path / "m.pt").exists(), args
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sagegan-")]
