@@ -5,7 +5,7 @@ Usage::
     python benchmarks/bench_accuracy.py --presets tiny8,default,wide32 --minutes 12 \
         --out-dir runs/accuracy [--save-default]
 
-Trains each preset on the EMPS training part (80 %, of which a seeded 10 % is used for model
+Trains each preset on the EMPS training part (80 %, of which a seeded 5 % is used for model
 selection) for the same wall-clock budget on this CPU, then segments the fixed 20 % held-out
 subset (never trained or tuned on) and reports foreground Dice, instance F1 at IoU 0.5 and
 mean F1 over IoU 0.5:0.9, for three post-processings of the same network output: the
@@ -116,7 +116,7 @@ def main() -> None:
                 TrainConfig(
                     max_minutes=args.minutes,
                     seed=args.seed,
-                    val_fraction=0.1,
+                    val_fraction=0.05,
                     steps_per_epoch=args.steps_per_epoch,
                     epochs=10_000,
                 ),
@@ -189,7 +189,7 @@ def main() -> None:
         (
             "## Accuracy on held-out EMPS micrographs\n\n"
             f"Machine: {machine()}.\nCommand: `{cmd}`\n\n"
-            f"Data: ../shared/data/emps-train, {len(train)} pairs for training (10 % of them for "
+            f"Data: ../shared/data/emps-train, {len(train)} pairs for training (5 % of them for "
             f"model selection), a fixed seeded 20 % ({len(holdout)} images, seed "
             f"{emps.HOLDOUT_SEED}) held out and never trained or tuned on. Each preset trained for "
             f"{args.minutes} minutes of wall clock on this CPU, then the same network output "

@@ -87,3 +87,15 @@ def test_cancel_stops_between_tiles(seg):
     gen.close()
     with pytest.raises(StopIteration):
         next(gen)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu():
+    torch.manual_seed(0)
+    model = AttentionUNet(ARCH)
+    img, _ = disc_image((96, 96), ((30, 30), (60, 64)), radius=10)
+    cfg = InferConfig(tile_size=64)
+    cpu = run_to_end(Segmenter(model, device="cpu").predict_maps(img, cfg))
+    gpu = run_to_end(Segmenter(model, device="cuda").predict_maps(img, cfg))
+    assert np.abs(cpu - gpu).max() < 0.02  # autocast float16 on CUDA

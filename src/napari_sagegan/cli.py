@@ -199,11 +199,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             result = _drive(seg.segment(image, config), bar)
             target = staging / f"{path.stem}.tif"
             write_labels_tif(target, result.labels)
-            n = (
-                len(set(result.labels.ravel().tolist()) - {0})
-                if result.labels.ndim == 3
-                else int(result.labels.max())
-            )
+            n = int(result.labels.max())  # ids are consecutive and unique across slices
             written.append((path, n))
         out_dir.mkdir(parents=True, exist_ok=True)
         for f in sorted(staging.iterdir()):
