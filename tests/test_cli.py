@@ -227,3 +227,33 @@ def test_bad_inputs_exit_with_one_line_and_no_output(trained, tmp_path):
         assert not out.exists(), args
         assert not (tmp_path / "m.pt").exists(), args
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sagegan-")]
+
+
+def test_segment_writes_particle_csv(trained):
+    import csv
+
+    root, images, _masks, model = trained
+    out = root / "with_csv"
+    rc = main(
+        [
+            "segment",
+            str(images / "im1.png"),
+            "--out",
+            str(out),
+            "--model",
+            str(model),
+            "--device",
+            "cpu",
+            "--csv",
+            "--pixel-size",
+            "2.5",
+        ]
+    )
+    assert rc == 0
+    labels = tifffile.imread(out / "im1.tif")
+    with open(out / "im1.csv") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    assert len(rows) == int(labels.max())
+    assert "equivalent_diameter_nm" in reader.fieldnames  # the pixel size was applied
+    assert (out / "im1.summary.json").is_file()

@@ -199,6 +199,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
             result = _drive(seg.segment(image, config), bar)
             target = staging / f"{path.stem}.tif"
             write_labels_tif(target, result.labels)
+            if args.csv:
+                from ._measure_cli import write_particle_csv
+                from .io.em import read_pixel_size
+
+                px = args.pixel_size or read_pixel_size(path).get("pixel_size")
+                write_particle_csv(staging / f"{path.stem}.csv", result.labels, image, px)
             n = int(result.labels.max())  # ids are consecutive and unique across slices
             written.append((path, n))
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -291,6 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--threshold", type=float, default=None, help="particle probability")
     s.add_argument("--no-split", action="store_true", help="do not split touching particles")
+    s.add_argument(
+        "--csv",
+        action="store_true",
+        help="also write DIR/<stem>.csv (one row per particle) and a summary JSON",
+    )
+    s.add_argument(
+        "--pixel-size",
+        type=float,
+        default=None,
+        metavar="NM",
+        help="pixel size in nm for --csv (default: read from the image file)",
+    )
     s.set_defaults(func=cmd_segment)
 
     e = sub.add_parser("evaluate", help="compare predicted labels with ground truth")
@@ -298,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gt", required=True, help="folder of ground-truth label images")
     e.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     e.set_defaults(func=cmd_evaluate)
+
+    from ._measure_cli import add_measure_parser
+
+    add_measure_parser(sub)
     return p
 
 

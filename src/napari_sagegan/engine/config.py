@@ -126,6 +126,7 @@ class TrainConfig(_Config):
     seed: int = 0
     fg_bias: float = 0.7  # probability that a patch is centred on a particle pixel
     augment_p: float = 0.5
+    invert: bool = False  # polarity-inversion augmentation (dark <-> bright particles)
     min_instance_area: int = 15  # instances smaller than this (pixels) are dropped
     plateau_patience: int = 10  # epochs without validation F1 gain before lr is halved
     num_threads: int = 0  # 0: leave torch's default

@@ -15,11 +15,12 @@ post-processing splits touching particles on its valleys.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_sagegan.engine.augment import augment_sample
+from .augment import augment_sample
 
 if TYPE_CHECKING:
     import torch
@@ -307,6 +308,9 @@ class PatchSampler:
         Side ``P`` of the square patches, pixels.
     fg_bias : float
         Probability that a patch is centred on a particle pixel.
+    augment_ops : sequence of str, optional
+        Which augmentations to draw from (default: all of
+        :data:`~napari_sagegan.engine.augment.AUGMENTATIONS`).
     augment_p : float
         Probability of each augmentation (:func:`~napari_sagegan.engine.augment.augment_sample`);
         0 disables augmentation.
@@ -327,6 +331,7 @@ class PatchSampler:
         patch_size: int,
         fg_bias: float = 0.7,
         augment_p: float = 0.5,
+        augment_ops: Sequence[str] | None = None,
         min_area: int = 15,
         seed: int = 0,
     ) -> None:
@@ -343,6 +348,7 @@ class PatchSampler:
         self.patch_size = int(patch_size)
         self.fg_bias = float(fg_bias)
         self.augment_p = float(augment_p)
+        self.augment_ops = None if augment_ops is None else tuple(augment_ops)
         self._rng = np.random.default_rng(seed)
         self._x: list[np.ndarray] = []
         self._fg: list[np.ndarray] = []
@@ -444,6 +450,8 @@ class PatchSampler:
             win = (slice(top, top + p), slice(left, left + p))
             x, fg, dist = self._x[i][win], self._fg[i][win], self._dist[i][win]
             if self.augment_p > 0:
-                x, fg, dist = augment_sample(x, fg, dist, self._rng, p=self.augment_p)
+                x, fg, dist = augment_sample(
+                    x, fg, dist, self._rng, p=self.augment_p, ops=self.augment_ops
+                )
             xs[b, 0], fgs[b], dists[b] = x, fg, dist
         return torch.from_numpy(xs), torch.from_numpy(fgs), torch.from_numpy(dists)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .augment import AUGMENTATIONS
 from .checkpoint import build_segmenter, load_checkpoint, save_checkpoint
 from .config import ArchConfig, InferConfig, TrainConfig
 from .data import PatchSampler, split_indices
@@ -188,6 +189,7 @@ class SegmenterTrainer:
             patch_size=self.config.patch_size,
             fg_bias=self.config.fg_bias,
             augment_p=self.config.augment_p,
+            augment_ops=[op for op in AUGMENTATIONS if op != "invert" or self.config.invert],
             min_area=self.config.min_instance_area,
             seed=self.config.seed + self.start_epoch,
         )
