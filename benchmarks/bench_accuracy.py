@@ -90,6 +90,12 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=12.0)
     ap.add_argument("--out-dir", default="runs/accuracy")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--lr",
+        type=float,
+        default=1e-3,
+        help="Adam learning rate (1e-3: short CPU budgets from scratch)",
+    )
     ap.add_argument("--steps-per-epoch", type=int, default=100)
     ap.add_argument(
         "--limit", type=int, default=None, help="use only N images per split (smoke test)"
@@ -117,6 +123,7 @@ def main() -> None:
                     max_minutes=args.minutes,
                     seed=args.seed,
                     val_fraction=0.05,
+                    lr=args.lr,
                     steps_per_epoch=args.steps_per_epoch,
                     epochs=10_000,
                 ),
@@ -182,7 +189,7 @@ def main() -> None:
     print(table)
     cmd = (
         f"python benchmarks/bench_accuracy.py --presets {args.presets} --minutes "
-        f"{args.minutes} --steps-per-epoch {args.steps_per_epoch} --seed {args.seed}"
+        f"{args.minutes} --steps-per-epoch {args.steps_per_epoch} --seed {args.seed} --lr {args.lr}"
     )
     write_section(
         "bench-accuracy",

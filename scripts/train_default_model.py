@@ -25,7 +25,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import emps  # noqa: E402
 from bench_accuracy import evaluate_model, otsu_watershed  # noqa: E402
-
 from napari_sagegan.engine.checkpoint import build_segmenter, load_checkpoint, save_checkpoint  # noqa: E402
 from napari_sagegan.engine.config import InferConfig, TrainConfig, preset  # noqa: E402
 from napari_sagegan.engine.fileutil import atomic_write_text  # noqa: E402
@@ -40,8 +39,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=40.0)
     ap.add_argument("--resume", default=None, help="continue from this checkpoint")
+    ap.add_argument(
+        "--package-only",
+        action="store_true",
+        help="no training: package and evaluate the --resume checkpoint as it is",
+    )
     ap.add_argument("--work", default="runs/default")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--steps-per-epoch", type=int, default=150)
     args = ap.parse_args()
     work = Path(args.work)
@@ -51,37 +56,77 @@ def main() -> None:
     images = [p[1] for p in train]
     labels = [p[2] for p in train]
     infer = InferConfig()
-    config = TrainConfig(max_minutes=args.minutes, seed=args.seed, val_fraction=0.05,
-                         steps_per_epoch=args.steps_per_epoch, epochs=10_000)
-    trainer = SegmenterTrainer(images, labels, config, arch=preset("default"),
-                               resume=args.resume, out=ckpt_path, device="cpu", infer=infer)
-    t0 = time.perf_counter()
-    for ev in trainer.run():
-        if ev.stage == "validate":
-            print(f"{ev.message} ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
+    config = TrainConfig(
+        max_minutes=args.minutes,
+        seed=args.seed,
+        val_fraction=0.05,
+        lr=args.lr,
+        steps_per_epoch=args.steps_per_epoch,
+        epochs=10_000,
+    )
+    if args.package_only:
+        if not args.resume:
+            raise SystemExit("--package-only needs --resume CHECKPOINT")
+        ckpt_path = Path(args.resume)
+    else:
+        trainer = SegmenterTrainer(
+            images,
+            labels,
+            config,
+            arch=preset("default"),
+            resume=args.resume,
+            out=ckpt_path,
+            device="cpu",
+            infer=infer,
+        )
+        t0 = time.perf_counter()
+        for ev in trainer.run():
+            if ev.stage == "validate":
+                print(f"{ev.message} ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
 
     ckpt = load_checkpoint(ckpt_path)
     model = build_segmenter(ckpt)
     PACKAGED.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(PACKAGED, model, arch=model.config, train=ckpt["train"], infer=ckpt["infer"],
-                    seed=ckpt["seed"], epoch=ckpt["epoch"], step=ckpt["step"],
-                    metrics=ckpt["metrics"], half=True,
-                    extra={"data": "EMPS training split minus the fixed 20 % hold-out "
-                                   "(Yildirim & Cole 2021, annotations MIT)"})
+    save_checkpoint(
+        PACKAGED,
+        model,
+        arch=model.config,
+        train=ckpt["train"],
+        infer=ckpt["infer"],
+        seed=ckpt["seed"],
+        epoch=ckpt["epoch"],
+        step=ckpt["step"],
+        metrics=ckpt["metrics"],
+        half=True,
+        extra={
+            "data": "EMPS training split minus the fixed 20 % hold-out "
+            "(Yildirim & Cole 2021, annotations MIT)"
+        },
+    )
     seg = Segmenter.load(PACKAGED, device="cpu")
     res, speed = evaluate_model(seg, holdout, infer)
     otsu = mean_metrics([evaluate_pair(otsu_watershed(im), gt) for _s, im, gt in holdout])
-    rows = [("napari-sagegan default model, distance-seeded split", res["split"]),
-            ("same network, binary + EDT watershed", res["watershed"]),
-            ("Otsu + watershed", otsu)]
+    rows = [
+        ("napari-sagegan default model, distance-seeded split", res["split"]),
+        ("same network, binary + EDT watershed", res["watershed"]),
+        ("Otsu + watershed", otsu),
+    ]
     table = "| method | Dice | F1@0.5 | F1@0.5:0.9 | precision@0.5 | recall@0.5 |\n|---|---|---|---|---|---|\n"
-    table += "\n".join(f"| {n} | {m['dice']:.3f} | {m['f1@0.5']:.3f} | {m['f1@0.5:0.9']:.3f} | "
-                       f"{m['precision@0.5']:.3f} | {m['recall@0.5']:.3f} |" for n, m in rows)
+    table += "\n".join(
+        f"| {n} | {m['dice']:.3f} | {m['f1@0.5']:.3f} | {m['f1@0.5:0.9']:.3f} | "
+        f"{m['precision@0.5']:.3f} | {m['recall@0.5']:.3f} |"
+        for n, m in rows
+    )
     print(table)
     size_mb = PACKAGED.stat().st_size / 1e6
-    cmd = f"python scripts/train_default_model.py --minutes {args.minutes} --seed {args.seed}"
+    cmd = (
+        f"python scripts/train_default_model.py --minutes {args.minutes} --seed {args.seed} "
+        f"--lr {args.lr}"
+    )
     if args.resume:
         cmd += f" --resume {args.resume}"
+    if args.package_only:
+        cmd += " --package-only"
     card = f"""# Model card: the bundled default segmenter
 
 `src/napari_sagegan/models/default.pt` ({size_mb:.1f} MB, float16 weights), used by
@@ -95,9 +140,10 @@ def main() -> None:
   SEM/TEM micrographs. A fixed seeded 20 % ({len(holdout)} images, seed {emps.HOLDOUT_SEED}) is
   held out and never trained or tuned on; of the other {len(train)}, a seeded 5 % picks the
   best checkpoint. Nothing else was used: no synthetic data, no other data set.
-* **Recipe:** `TrainConfig` defaults (focal + Tversky + distance loss, Adam 1e-4, batch 4 of
-  256-px patches, augmentation incl. polarity inversion), seed {args.seed}, on this machine's
-  CPU ({ckpt['step']} optimisation steps, best at epoch {ckpt['epoch']} of
+* **Recipe:** `TrainConfig` defaults (focal + Tversky + distance loss, batch 4 of
+  256-px patches, augmentation without polarity inversion) but Adam at lr {args.lr}, seed
+  {args.seed}, on this machine's
+  CPU ({ckpt["step"]} optimisation steps, best at epoch {ckpt["epoch"]} of
   {args.steps_per_epoch} steps).
 * **Command:** `{cmd}` (the resumed checkpoint, if any, came from
   `python benchmarks/bench_accuracy.py`, see [benchmarks](benchmarks.md)).

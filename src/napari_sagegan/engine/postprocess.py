@@ -241,6 +241,9 @@ def instances_from_maps(
                 "both must come from the same prediction"
             )
     labels, n = _label_foreground(prob, threshold)
+    # A component below min_size can only split into smaller pieces: drop it now (exact),
+    # which keeps noisy maps with many specks from costing time and memory below.
+    n = _remove_small(labels, n, min_size)
     if split and dist is not None and n:
         n = _split_by_seeds(labels, n, dist, seed_threshold)
     return _finish(labels, n, fill_holes, min_size)

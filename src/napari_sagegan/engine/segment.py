@@ -167,7 +167,8 @@ class Segmenter:
         yx = shape[-2:]
         per_slice = n_tiles(yx, config.tile_size, config.overlap, self.model.config.divisor)
         total = per_slice * len(slices)
-        labels = np.zeros(shape, dtype=np.int32)
+        # 2-D: the slice's labels are the result (no second full-size copy)
+        labels = np.zeros(shape, dtype=np.int32) if len(shape) == 3 else None
         keep = keep_maps or with_attention
         prob = dist = att = None
         offset = 0
@@ -210,7 +211,7 @@ class Segmenter:
             lab = lab.astype(np.int32, copy=False)
             n = int(lab.max())
             if z is None:
-                labels[:] = lab
+                labels = lab
             else:
                 labels[z] = np.where(lab > 0, lab + offset, 0)
             offset += n
