@@ -47,6 +47,12 @@ def main() -> None:
     ap.add_argument("--work", default="runs/default")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument(
+        "--synthetic",
+        type=int,
+        default=0,
+        help="add N generated image/label pairs (engine/synthetic.py) to training",
+    )
     ap.add_argument("--steps-per-epoch", type=int, default=150)
     args = ap.parse_args()
     work = Path(args.work)
@@ -55,6 +61,12 @@ def main() -> None:
     train, holdout = emps.load()
     images = [p[1] for p in train]
     labels = [p[2] for p in train]
+    if args.synthetic:
+        from napari_sagegan.engine.synthetic import make_training_set
+
+        for image, lab in make_training_set(args.synthetic, shape=(256, 256), seed=args.seed):
+            images.append(image)
+            labels.append(lab)
     infer = InferConfig()
     config = TrainConfig(
         max_minutes=args.minutes,
@@ -127,6 +139,14 @@ def main() -> None:
         cmd += f" --resume {args.resume}"
     if args.package_only:
         cmd += " --package-only"
+    if args.synthetic:
+        cmd += f" --synthetic {args.synthetic}"
+    synth_note = (
+        f"Plus {args.synthetic} generated image/label pairs (256 px, TEM / SEM / HAADF layouts "
+        f"from `engine/synthetic.py`, seed {args.seed}). "
+        if args.synthetic
+        else ""
+    )
     card = f"""# Model card: the bundled default segmenter
 
 `src/napari_sagegan/models/default.pt` ({size_mb:.1f} MB, float16 weights), used by
@@ -139,7 +159,7 @@ def main() -> None:
   2021; annotations under the MIT licence), read from `../shared/data/emps-train`: 366 real
   SEM/TEM micrographs. A fixed seeded 20 % ({len(holdout)} images, seed {emps.HOLDOUT_SEED}) is
   held out and never trained or tuned on; of the other {len(train)}, a seeded 5 % picks the
-  best checkpoint. Nothing else was used: no synthetic data, no other data set.
+  best checkpoint. {synth_note}No other data set was used.
 * **Recipe:** `TrainConfig` defaults (focal + Tversky + distance loss, batch 4 of
   256-px patches, augmentation without polarity inversion) but Adam at lr {args.lr}, seed
   {args.seed}, on this machine's
