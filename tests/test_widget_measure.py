@@ -138,3 +138,26 @@ def test_layer_pixel_size_from_scale_units():
     )
     assert layer_pixel_size(Image(image, scale=(3.0, 3.0))) is None  # pixels: unknown
     assert layer_pixel_size(Image(image, metadata={"pixel_size_nm": 1.5})) == 1.5
+
+
+def test_pixel_size_of_a_tiff_opened_by_napari_itself(make_napari_viewer, tmp_path):
+    """napari's TIFF reader drops the ImageJ pixel size; the widget reads it from the file."""
+    import tifffile
+
+    path = tmp_path / "calibrated.tif"
+    tifffile.imwrite(
+        path,
+        np.zeros((16, 16), np.uint8),
+        imagej=True,
+        resolution=(1 / 0.25, 1 / 0.25),
+        metadata={"unit": "um"},
+    )
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, np.zeros((16, 16), np.uint8))
+    from napari_sagegan._widgets.measure import layer_pixel_size
+
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(path))
+    (plain_layer,) = viewer.open(str(plain))
+    assert layer_pixel_size(layer) == pytest.approx(250.0)
+    assert layer_pixel_size(plain_layer) is None

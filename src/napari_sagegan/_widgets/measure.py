@@ -46,16 +46,36 @@ def layer_pixel_size(layer: Any) -> float | None:
     if value:
         return float(value)
     units = getattr(layer, "units", None)
-    if not units:
-        return None
-    try:
-        import pint
+    value = None
+    if units:
+        try:
+            import pint
 
-        quantity = (float(layer.scale[-1]) * units[-1]).to("nm")
-    except (ImportError, AttributeError, TypeError, ValueError, pint.DimensionalityError):
+            quantity = (float(layer.scale[-1]) * units[-1]).to("nm")
+            value = float(quantity.magnitude)
+        except (ImportError, AttributeError, TypeError, ValueError, pint.DimensionalityError):
+            value = None
+    if value is not None and math.isfinite(value) and value > 0:
+        return value
+    return _source_tiff_pixel_size(layer)
+
+
+def _source_tiff_pixel_size(layer: Any) -> float | None:
+    """Pixel size from the metadata of the TIFF a layer was opened from.
+
+    napari's own TIFF reader (which this plugin leaves plain TIFFs to) drops the ImageJ, OME,
+    FEI and Zeiss pixel sizes; the file still has them.
+    """
+    path = getattr(getattr(layer, "source", None), "path", None)
+    if not path or not str(path).lower().endswith((".tif", ".tiff")):
         return None
-    value = float(quantity.magnitude)
-    return value if math.isfinite(value) and value > 0 else None
+    from ..io.em import tiff_pixel_size
+
+    try:
+        value = tiff_pixel_size(path)["pixel_size"]
+    except (OSError, ValueError):
+        return None
+    return float(value) if value else None
 
 
 class _TableModel(QAbstractTableModel):

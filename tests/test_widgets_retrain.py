@@ -1,0 +1,153 @@
+"""The Correct-and-retrain dock widget in a real napari viewer (Xvfb)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_sagegan.engine.checkpoint import load_segmenter
+from napari_sagegan.engine.metrics import evaluate_pair
+from test_tasks import disc_scene, trained_checkpoint
+from test_widgets_segment import TIMEOUT, make_widget, notifications, run_and_wait
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return trained_checkpoint(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture
+def messages():
+    return notifications()
+
+
+def make_retrain(viewer, **spins):
+    from napari_sagegan._widgets.retrain import RetrainWidget
+
+    widget = RetrainWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Correct and retrain")
+    widget.device_combo.setCurrentText("cpu")
+    widget.epochs_spin.setValue(spins.get("epochs", 3))
+    widget.steps_spin.setValue(spins.get("steps", 8))
+    widget.lr_spin.setValue(0.003)
+    widget.patch_spin.setValue(64)
+    widget.train_extra = {"augment_p": 0.0, "min_instance_area": 5}
+    return widget
+
+
+def wait(qtbot, widget, worker):
+    """Wait until the widget's task ended (its finished handler, connected before the start,
+    has run: waiting on worker.finished here could miss a task that ends at once)."""
+    assert worker is not None
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT)
+
+
+def test_retrain_on_a_corrected_layer(make_napari_viewer, qtbot, tiny_model, tmp_path):
+    viewer = make_napari_viewer()
+    # bright particles: the disc model was trained on dark ones and misses them
+    image, truth = disc_scene(seed=7, dark=False)
+    viewer.add_image(image, name="bright", scale=(0.5, 0.5))
+    seg = make_widget(viewer, tiny_model)
+    retrain = make_retrain(viewer)
+    run_and_wait(qtbot, seg)
+    layer = viewer.layers["bright labels"]
+    before = evaluate_pair(layer.data, truth)
+    qtbot.waitUntil(lambda: retrain.pair_list.count() == 1, timeout=3000)
+    assert retrain.checked_labels() == []  # not edited yet
+
+    layer.data = truth.astype(layer.data.dtype)  # the user's correction
+    qtbot.waitUntil(lambda: retrain.checked_labels() == ["bright labels"], timeout=3000)
+    assert "(edited)" in retrain.pair_list.item(0).text()
+
+    base = retrain.store.current
+    wait(qtbot, retrain, retrain.start_training())
+    tuned = retrain.store.current
+    assert tuned.name == "fine-tuned 1" and retrain.store.previous is base
+    changed = [
+        not torch.equal(v.float(), base.ckpt["state_dict"][k].float())
+        for k, v in tuned.ckpt["state_dict"].items()
+        if v.is_floating_point()
+    ]
+    assert any(changed)
+    assert len(retrain.plot.step_loss) == 24 and len(retrain.plot.epoch_loss) == 3
+    assert seg.model_combo.currentText() == "fine-tuned 1"  # shared with Segment
+
+    wait(qtbot, retrain, retrain.resegment())
+    # the corrected layer is kept; the new segmentation comes beside it
+    assert np.array_equal(viewer.layers["bright labels"].data, truth)
+    new = viewer.layers["bright labels [1]"]
+    after = evaluate_pair(new.data, truth)
+    assert after["dice"] > before["dice"] + 0.3 and after["f1@0.5"] > before["f1@0.5"]
+    assert tuple(new.scale) == (0.5, 0.5)
+
+    saved = retrain.save_model(str(tmp_path / "tuned.pt"))
+    model, _ = load_segmenter(saved)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, tuned.ckpt["state_dict"][k].float()), k
+
+    retrain.use_previous()  # roll back
+    assert retrain.store.current is base and seg.model_combo.currentText() == "tiny.pt"
+    assert "previous: fine-tuned 1" in retrain.model_label.text()
+
+
+def test_cancel_keeps_the_best_model_so_far(make_napari_viewer, qtbot, tiny_model):
+    viewer = make_napari_viewer()
+    image, truth = disc_scene(seed=8, dark=False)
+    viewer.add_image(image, name="im")
+    viewer.add_labels(truth, name="im labels")  # painted by hand: listed, ticked by the user
+    seg = make_widget(viewer, tiny_model)
+    retrain = make_retrain(viewer, epochs=100, steps=3)
+    retrain.set_checked("im labels")
+    base = seg.store.current
+
+    # Cancel during the first epoch: nothing to keep, the model is unchanged
+    worker = retrain.start_training()
+    worker.yielded.connect(lambda ev: ev.stage == "train" and retrain.cancel())
+    wait(qtbot, retrain, worker)
+    assert retrain.store.current is base
+    assert "before the first epoch ended" in retrain.progress.status.text()
+    assert retrain.train_button.isEnabled()
+
+    # Cancel after two epochs: the best model so far becomes the current one
+    worker = retrain.start_training()
+    assert retrain.start_training() is None  # a second click does nothing
+    worker.yielded.connect(
+        lambda ev: ev.stage == "validate" and ev.data["epoch"] >= 2 and retrain.cancel()
+    )
+    wait(qtbot, retrain, worker)
+    assert retrain.store.current.name == "fine-tuned 1"
+    assert retrain.store.current.ckpt["epoch"] == 2
+    assert retrain.progress.status.text().startswith("cancelled, best model kept")
+    assert retrain.train_button.isEnabled() and retrain.previous_button.isEnabled()
+
+
+def test_bad_training_inputs_are_reported(make_napari_viewer, qtbot, messages, tiny_model):
+    viewer = make_napari_viewer()
+    retrain = make_retrain(viewer)
+    assert retrain.start_training() is None  # no layers at all
+    assert "No training pairs" in messages()[-1][1]
+
+    image, truth = disc_scene()
+    viewer.add_image(image, name="a")
+    viewer.add_labels(truth[:64, :64], name="a labels")  # does not cover its image
+    viewer.add_image(image, name="b")
+    viewer.add_labels(np.zeros_like(truth), name="b labels")  # nothing painted
+    retrain.refresh_pairs()
+    retrain.set_checked("a labels")
+    assert retrain.start_training() is None
+    assert messages()[-1][0] == "error" and "shape (64, 64)" in messages()[-1][1]
+    retrain.set_checked("a labels", False)
+    retrain.set_checked("b labels")
+    assert retrain.start_training() is None
+    assert "no particle" in messages()[-1][1] and "paint" in messages()[-1][1]
+    # an error inside the worker (a folder that does not exist) becomes a notification
+    retrain.store.add_file(tiny_model)
+    retrain.set_checked("b labels", False)
+    retrain.folder_edit.setText(str(tiny_model.parent / "missing"))
+    wait(qtbot, retrain, retrain.start_training())
+    assert messages()[-1][0] == "error" and "does not exist" in messages()[-1][1]
+    assert retrain.progress.status.text() == "failed; the model is unchanged"
+    assert retrain.store.current.name == "tiny.pt" and retrain.train_button.isEnabled()

@@ -1,0 +1,201 @@
+"""The Segment dock widget in a real napari viewer (Xvfb)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_sagegan import _tasks
+from napari_sagegan.engine.metrics import evaluate_pair
+from test_tasks import disc_scene, trained_checkpoint
+
+pytestmark = pytest.mark.gui
+
+TIMEOUT = 20_000  # ms
+
+
+def notifications():
+    """A function returning the notifications shown since this call, as (severity, text)."""
+    from napari.utils.notifications import notification_manager
+
+    start = len(notification_manager.records)
+
+    def get():
+        return [(str(r.severity), r.message) for r in notification_manager.records[start:]]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return trained_checkpoint(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture
+def messages():
+    return notifications()
+
+
+def make_widget(viewer, model=None):
+    from napari_sagegan._widgets.segment import SegmentWidget
+
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Segment")
+    if model is not None:
+        assert widget.load_model(str(model))
+    widget.device_combo.setCurrentText("cpu")
+    widget.tile_spin.setValue(64)
+    return widget
+
+
+def run_and_wait(qtbot, widget):
+    worker = widget.run()
+    assert worker is not None
+    # the widget's own finished handler (connected before the start) clears is_running;
+    # waiting on worker.finished here could miss a task that ends at once
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT)
+    return worker
+
+
+def test_segment_counts_particles_and_measures_them(make_napari_viewer, qtbot, tiny_model):
+    viewer = make_napari_viewer()
+    img, lab = disc_scene()
+    viewer.add_image(img, name="discs", scale=(0.5, 0.5), translate=(10, 20), units="nm")
+    widget = make_widget(viewer, tiny_model)
+    assert widget.model_combo.currentText() == "tiny.pt"
+    run_and_wait(qtbot, widget)
+    layer = viewer.layers["discs labels"]
+    assert len(np.unique(layer.data)) - 1 == 8  # the known answer
+    assert evaluate_pair(layer.data, lab)["f1@0.5"] == 1.0
+    assert tuple(layer.scale) == (0.5, 0.5) and tuple(layer.translate) == (10, 20)
+    table = layer.features
+    assert len(table) == 8 and {"area_px", "area_nm2", "equivalent_diameter_nm"} <= set(table)
+    np.testing.assert_allclose(table["area_nm2"], table["area_px"] * 0.25)
+    assert widget.device_label.text().startswith("used: cpu")
+    bar = widget.progress.bar
+    assert bar.maximum() > 1 and bar.value() == bar.maximum()
+    assert "8 particles" in widget.result_label.text()
+    assert widget.run_button.isEnabled()
+    # a second run with other settings refreshes the unedited layer instead of adding one
+    widget.threshold_spin.setValue(0.6)
+    run_and_wait(qtbot, widget)
+    assert [ly.name for ly in viewer.layers] == ["discs", "discs labels"]
+
+
+def test_batch_over_three_layers(make_napari_viewer, qtbot, tiny_model):
+    viewer = make_napari_viewer()
+    a, _ = disc_scene(seed=1)
+    b, _ = disc_scene(seed=2)
+    stack = np.stack([disc_scene(seed=3)[0], disc_scene(seed=4)[0]])
+    viewer.add_image(a, name="a")
+    viewer.add_image(b, name="b", scale=(2.0, 2.0))
+    viewer.add_image(stack, name="stack", scale=(5.0, 1.5, 1.5), translate=(0, 3, 4))
+    widget = make_widget(viewer)
+    widget.tile_spin.setValue(256)
+    assert widget.load_model(str(tiny_model))
+    assert widget.tile_spin.value() == 64  # the model's recommended setting
+    widget.all_images.setChecked(True)
+    assert not widget.image_combo.isEnabled()
+    run_and_wait(qtbot, widget)
+    for name, scale, n in (("a", (1, 1), 8), ("b", (2, 2), 8), ("stack", (5, 1.5, 1.5), 16)):
+        layer = viewer.layers[f"{name} labels"]
+        image = viewer.layers[name]
+        assert layer.data.shape == image.data.shape
+        assert tuple(layer.scale) == scale and tuple(layer.translate) == tuple(image.translate)
+        assert len(layer.features) == n, name
+    assert len(viewer.layers) == 6
+
+
+def test_second_click_and_cancel_stop_at_the_next_tile(make_napari_viewer, qtbot, tiny_model):
+    viewer = make_napari_viewer()
+    big = np.tile(disc_scene()[0], (4, 4))  # 512 x 512 -> 81 tiles of 64 px
+    viewer.add_image(big, name="big")
+    widget = make_widget(viewer, tiny_model)
+    widget.all_images.setChecked(False)
+    seen = []
+    worker = widget.run()
+    worker.yielded.connect(lambda ev: (seen.append(ev), widget.cancel()))
+    assert not widget.run_button.isEnabled()
+    assert widget.run() is None  # a second click does not start a second job
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT)
+    assert 1 <= len(seen) <= 3 and seen[-1].step < seen[-1].total
+    assert "big labels" not in viewer.layers
+    assert widget.run_button.isEnabled() and widget.worker is None
+    assert widget.progress.status.text().startswith("cancelled")
+
+
+def test_closing_the_dock_stops_the_worker(make_napari_viewer, qtbot, tiny_model):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.tile(disc_scene()[0], (4, 4)), name="big")
+    widget = make_widget(viewer, tiny_model)
+    worker = widget.run()
+    qtbot.waitUntil(lambda: widget.progress.bar.maximum() > 1, timeout=TIMEOUT)
+    viewer.window.remove_dock_widget(widget)  # the dock's "x" button
+    assert not worker.is_running and worker.abort_requested
+    qtbot.wait(50)
+    assert "big labels" not in viewer.layers
+    widget.deleteLater()
+
+
+def test_bad_inputs_are_reported_not_crashed(make_napari_viewer, qtbot, messages, monkeypatch):
+    import napari_sagegan.engine.checkpoint as ckpt
+
+    # as in an installation without the bundled model (checked before the widget opens)
+    monkeypatch.setattr(ckpt, "default_model_path", lambda: ckpt.Path("/nonexistent.pt"))
+    viewer = make_napari_viewer()
+    widget = make_widget(viewer)
+    assert widget.run() is None  # no layers at all
+    assert "no image layer" in messages()[-1][1] and "File > Open" in messages()[-1][1]
+    viewer.add_image(np.zeros((32, 32, 3), np.uint8), name="photo", rgb=True)
+    widget.image_combo.setCurrentText("photo")
+    assert widget.run() is None
+    assert "RGB" in messages()[-1][1] and messages()[-1][0] == "error"
+    viewer.add_image(np.zeros((2, 2, 32, 32), np.uint8), name="movie")
+    widget.image_combo.setCurrentText("movie")
+    assert widget.run() is None
+    assert "4 dimensions" in messages()[-1][1]
+    # batch: the good image runs, the bad ones are named in warnings
+    viewer.add_image(disc_scene()[0], name="good")
+    widget.all_images.setChecked(True)
+    assert widget.run() is None  # the bundled default model is missing here
+    assert "not installed" in messages()[-1][1] and "Load model" in messages()[-1][1]
+    assert [ly.name for ly in viewer.layers] == ["photo", "movie", "good"]
+    # a bad model file is refused with a reason; the current model stays
+    bad = ckpt.Path(viewer.layers["good"].name)  # not a file
+    assert widget.load_model(str(bad)) is False
+    assert "cannot use this model" in messages()[-1][1].lower()
+    assert widget.store.current is _tasks.model_store(viewer).entries[0]
+
+
+def test_closing_the_viewer_stops_the_worker(make_napari_viewer, qtbot, tiny_model):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.tile(disc_scene()[0], (4, 4)), name="big")
+    widget = make_widget(viewer, tiny_model)
+    worker = widget.run()
+    qtbot.waitUntil(lambda: widget.progress.bar.maximum() > 1, timeout=TIMEOUT)
+    viewer.close()
+    assert worker.abort_requested and not worker.is_running
+    qtbot.wait(50)  # late signals reach no deleted widget
+
+
+def test_widgets_and_samples_open_from_the_plugin_menus(make_napari_viewer):
+    from napari_sagegan._widgets.export import ExportWidget
+    from napari_sagegan._widgets.retrain import RetrainWidget
+    from napari_sagegan._widgets.segment import SegmentWidget
+
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-sagegan", "sem_agglomerate")
+    assert [ly.name for ly in viewer.layers] == ["SEM agglomerate", "SEM agglomerate ground truth"]
+    kinds = {"Segment": SegmentWidget, "Correct and retrain": RetrainWidget}
+    kinds["Export labels"] = ExportWidget
+    widgets = {}
+    for name, cls in kinds.items():
+        _, widget = viewer.window.add_plugin_dock_widget("napari-sagegan", name)
+        assert isinstance(widget, cls)
+        widgets[name] = widget
+    assert widgets["Segment"].image_combo.currentText() == "SEM agglomerate"
+    # the ground truth is offered as a training pair, unticked
+    retrain = widgets["Correct and retrain"]
+    assert retrain.pair_list.count() == 1 and retrain.checked_labels() == []
+    # both model widgets share the viewer's model store
+    assert widgets["Segment"].store is retrain.store
