@@ -61,10 +61,14 @@ def evaluate_model(seg: Segmenter, holdout, cfg: InferConfig):
     seconds, mpix = 0.0, 0.0
     for _stem, image, gt in holdout:
         t = time.perf_counter()
-        maps = run_to_end(seg.predict_maps(image, cfg))
+        # a model trained at a network scale sees each image resampled to it (classical
+        # size estimate); min_size is in network pixels
+        factor = seg.plan_scale(image, cfg).factor
+        maps = run_to_end(seg.predict_maps(image, cfg, factor=factor))
         seconds += time.perf_counter() - t
         mpix += image.size / 1e6
-        kw = dict(threshold=cfg.threshold, fill_holes=True, min_size=cfg.min_size)
+        min_size = max(1, round(cfg.min_size / factor**2))
+        kw = dict(threshold=cfg.threshold, fill_holes=True, min_size=min_size)
         rows["split"].append(
             evaluate_pair(
                 instances_from_maps(
@@ -75,7 +79,7 @@ def evaluate_model(seg: Segmenter, holdout, cfg: InferConfig):
         )
         rows["watershed"].append(
             evaluate_pair(
-                watershed_baseline(maps[0], threshold=cfg.threshold, min_size=cfg.min_size), gt
+                watershed_baseline(maps[0], threshold=cfg.threshold, min_size=min_size), gt
             )
         )
         rows["components"].append(

@@ -53,7 +53,8 @@ def main() -> None:
         default=0,
         help="add N generated image/label pairs (engine/synthetic.py) to training",
     )
-    ap.add_argument("--steps-per-epoch", type=int, default=150)
+    ap.add_argument("--steps-per-epoch", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -75,6 +76,7 @@ def main() -> None:
         lr=args.lr,
         steps_per_epoch=args.steps_per_epoch,
         epochs=10_000,
+        num_threads=args.threads,
     )
     if args.package_only:
         if not args.resume:
@@ -119,7 +121,7 @@ def main() -> None:
     res, speed = evaluate_model(seg, holdout, infer)
     otsu = mean_metrics([evaluate_pair(otsu_watershed(im), gt) for _s, im, gt in holdout])
     rows = [
-        ("napari-sagegan default model, distance-seeded split", res["split"]),
+        ("napari-sagegan default model (per-image scale), distance-seeded split", res["split"]),
         ("same network, binary + EDT watershed", res["watershed"]),
         ("Otsu + watershed", otsu),
     ]
@@ -160,15 +162,19 @@ def main() -> None:
   SEM/TEM micrographs. A fixed seeded 20 % ({len(holdout)} images, seed {emps.HOLDOUT_SEED}) is
   held out and never trained or tuned on; of the other {len(train)}, a seeded 5 % picks the
   best checkpoint. {synth_note}No other data set was used.
-* **Recipe:** `TrainConfig` defaults (focal + Tversky + distance loss, batch 4 of
-  256-px patches, augmentation without polarity inversion) but Adam at lr {args.lr}, seed
-  {args.seed}, on this machine's
-  CPU ({ckpt["step"]} optimisation steps, best at epoch {ckpt["epoch"]} of
+* **Recipe:** `TrainConfig` defaults (focal + Tversky + distance loss; every training
+  image resampled so its particles' median diameter is
+  {ckpt["train"].get("target_diameter")} px, patches zoomed by a random factor in
+  [1/{ckpt["train"].get("scale_jitter")}, {ckpt["train"].get("scale_jitter")}]; batch
+  {ckpt["train"].get("batch_size")} of {ckpt["train"].get("patch_size")}-px patches;
+  augmentation with polarity inversion) but Adam at lr {args.lr}, seed {args.seed}, on this
+  machine's CPU ({ckpt["step"]} optimisation steps, best at epoch {ckpt["epoch"]} of
   {args.steps_per_epoch} steps).
 * **Command:** `{cmd}` (the resumed checkpoint, if any, came from
-  `python benchmarks/bench_accuracy.py`, see [benchmarks](benchmarks.md)).
-* **Held-out accuracy** (the {len(holdout)} images; tiled inference, threshold 0.5;
-  CPU speed {speed:.2f} MP/s):
+  `python benchmarks/bench_scale.py --train scaled`, see [benchmarks](benchmarks.md)).
+* **Held-out accuracy** (the {len(holdout)} images; each image's particle size estimated and
+  the image resampled to the network scale, tiled inference, threshold 0.5; CPU speed
+  {speed:.2f} MP/s):
 
 {table}
 

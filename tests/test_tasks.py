@@ -234,9 +234,14 @@ def test_segment_images_counts_particles_with_progress(tiny_model):
         _tasks.segment_images(entry, inputs, device="cpu", overrides={"tile_size": 64})
     )
     tiles = [e for e in events if e.stage == "tiles"]
-    total = _tasks.count_tiles(inputs, 64, INFER.overlap, ARCH.divisor)
-    per_slice = n_tiles((128, 128), 64, INFER.overlap, ARCH.divisor)
-    assert per_slice > 1 and total == 3 * per_slice  # 1 image + 2 slices
+    seg = entry.segmenter("cpu")
+    config = seg.default_infer_config(tile_size=64)
+    (plan_a, n_a), (plan_z, n_z) = (seg.plan(i.data, config) for i in inputs)
+    total = n_a + n_z
+    # the model works at a network scale: each image is resampled to it, tiles cut to match
+    factor = plan_a.factor
+    per_slice = n_tiles((128, 128), max(8, round(64 / factor)), INFER.overlap, 1)
+    assert per_slice > 1 and n_a == per_slice and n_z == 2 * per_slice  # 1 image + 2 slices
     steps = [e.step for e in tiles]  # one event per batch of tiles
     assert all(e.total == total for e in tiles) and steps[-1] == total
     assert all(b > a for a, b in zip(steps, steps[1:]))

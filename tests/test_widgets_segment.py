@@ -199,3 +199,27 @@ def test_widgets_and_samples_open_from_the_plugin_menus(make_napari_viewer):
     assert retrain.pair_list.count() == 1 and retrain.checked_labels() == []
     # both model widgets share the viewer's model store
     assert widgets["Segment"].store is retrain.store
+
+
+def test_particle_size_in_nm_is_honoured_and_shown(make_napari_viewer, qtbot, tiny_model, messages):
+    viewer = make_napari_viewer()
+    img, lab = disc_scene()  # discs 17 px across
+    viewer.add_image(img, name="discs", scale=(0.5, 0.5), units="nm")
+    widget = make_widget(viewer, tiny_model)
+    widget.diameter_spin.setValue(8.5)  # nm, i.e. 17 px
+    widget.diameter_unit.setCurrentText("nm")
+    run_and_wait(qtbot, widget)
+    (result,) = widget.results
+    assert result.scale.source == "user" and result.scale.diameter == 17.0
+    assert "17 px = 8.5 nm (given)" in widget.result_label.text()
+    assert evaluate_pair(viewer.layers["discs labels"].data, lab)["f1@0.5"] == 1.0
+    # automatic: the estimate is shown
+    widget.diameter_spin.setValue(0)
+    run_and_wait(qtbot, widget)
+    assert "(estimated)" in widget.result_label.text()
+    # nm on an uncalibrated image: said, not started
+    viewer.add_image(img, name="plain")
+    widget.image_combo.setCurrentText("plain")
+    widget.diameter_spin.setValue(8.5)
+    assert widget.run() is None and not widget.is_running
+    assert any("pixel size of 'plain' is unknown" in text for _, text in messages())

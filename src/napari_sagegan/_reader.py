@@ -1,9 +1,11 @@
 """npe2 reader contribution: electron micrographs opened with their pixel size.
 
-Claims what napari does not read well on its own: Gatan DM3/DM4, Velox/Berkeley EMD, FEI TIA
-SER and MRC/MRCS files, and TIFFs whose metadata hold a pixel size (FEI/Thermo, Zeiss SEM,
-OME or ImageJ; napari's built-in TIFF reader ignores it). A TIFF without a pixel size is left
-to napari. The layer's ``scale`` is the pixel size in nm and its ``units`` are nm, so the
+The manifest routes to it what napari does not read on its own: Gatan DM3/DM4, Velox/Berkeley
+EMD, FEI TIA SER and MRC/MRCS files. TIFFs stay with napari's own reader (a second claim on
+``*.tif`` would make napari ask which reader to use for every TIFF); :func:`get_reader` still
+reads TIFFs whose metadata hold a pixel size (FEI/Thermo, Zeiss SEM, OME or ImageJ) when it is
+called directly, and the widgets read a TIFF layer's pixel size from its source file. The
+layer's ``scale`` is the pixel size in nm and its ``units`` are nm, so the
 scale bar and measurements read in nanometres; ``metadata`` repeats the pixel size, unit and
 where it came from, since layer units are not kept by every napari tool.
 

@@ -48,6 +48,47 @@ _ADVICE_OPEN = (
 # --------------------------------------------------------------------------- inputs
 
 
+def layer_pixel_size(layer: Any) -> float | None:
+    """nm per pixel of a layer: ``metadata["pixel_size_nm"]``, else its scale when its
+    units are lengths (napari's default unit, the pixel, gives ``None``)."""
+    if layer is None:
+        return None
+    value = (getattr(layer, "metadata", None) or {}).get("pixel_size_nm")
+    if value:
+        return float(value)
+    units = getattr(layer, "units", None)
+    value = None
+    if units:
+        try:
+            import pint
+
+            quantity = (float(layer.scale[-1]) * units[-1]).to("nm")
+            value = float(quantity.magnitude)
+        except (ImportError, AttributeError, TypeError, ValueError, pint.DimensionalityError):
+            value = None
+    if value is not None and math.isfinite(value) and value > 0:
+        return value
+    return _source_tiff_pixel_size(layer)
+
+
+def _source_tiff_pixel_size(layer: Any) -> float | None:
+    """Pixel size from the metadata of the TIFF a layer was opened from.
+
+    napari's own TIFF reader (which this plugin leaves plain TIFFs to) drops the ImageJ, OME,
+    FEI and Zeiss pixel sizes; the file still has them.
+    """
+    path = getattr(getattr(layer, "source", None), "path", None)
+    if not path or not str(path).lower().endswith((".tif", ".tiff")):
+        return None
+    from .io.em import tiff_pixel_size
+
+    try:
+        value = tiff_pixel_size(path)["pixel_size"]
+    except (OSError, ValueError):
+        return None
+    return float(value) if value else None
+
+
 @dataclass
 class ImageInput:
     """One image layer's data and geometry, read on the main thread.
@@ -62,6 +103,9 @@ class ImageInput:
         Pixel size and offset per axis, world units (copied to the Labels layer).
     units : tuple or None
         The layer's units per axis (napari >= 0.6), copied to the Labels layer.
+    pixel_size_nm : float or None
+        nm per pixel when known (layer metadata, scale with length units, or the metadata
+        of the TIFF the layer was opened from): a particle diameter in nm becomes pixels.
     """
 
     name: str
@@ -69,6 +113,7 @@ class ImageInput:
     scale: tuple[float, ...]
     translate: tuple[float, ...]
     units: tuple | None = None
+    pixel_size_nm: float | None = None
 
     @property
     def unit(self) -> str | None:
@@ -119,6 +164,7 @@ def image_input(layer: Any) -> ImageInput:
         scale=tuple(float(s) for s in layer.scale),
         translate=tuple(float(t) for t in layer.translate),
         units=tuple(units) if units is not None else None,
+        pixel_size_nm=layer_pixel_size(layer),
     )
 
 
@@ -453,7 +499,9 @@ class LayerResult:
     model : str
         Name of the model used.
     device : str
-        The device actually used, e.g. ``"cpu (1 threads)"``.
+        The device actually used, e.g. ``"cpu (1 thread)"``.
+    scale : ScaleInfo or None
+        The particle diameter used and how the image was resampled for the network.
     """
 
     image: ImageInput
@@ -462,6 +510,7 @@ class LayerResult:
     attention: np.ndarray | None
     model: str
     device: str
+    scale: Any = None
 
     @property
     def n_particles(self) -> int:
@@ -521,16 +570,18 @@ class LayerResult:
         return out
 
 
-def count_tiles(images: Sequence[ImageInput], tile_size: int, overlap: float, divisor: int) -> int:
-    """Total number of tiles :func:`segment_images` runs over all slices of all images."""
-    from .engine.tiling import n_tiles
+def config_for_image(config: Any, image: ImageInput, diameter_nm: float | None) -> Any:
+    """``config`` with a particle diameter given in nm turned into this image's pixels."""
+    if not diameter_nm:
+        return config
+    if not image.pixel_size_nm:
+        raise ValueError(
+            f"the particle diameter is in nm, but the pixel size of {image.name!r} is unknown: "
+            "give the diameter in px, or open the image with its calibration"
+        )
+    import dataclasses
 
-    total = 0
-    for im in images:
-        shape = tuple(int(s) for s in im.data.shape)
-        per = n_tiles(shape[-2:], tile_size, overlap, divisor)
-        total += per * (shape[0] if len(shape) == 3 else 1)
-    return total
+    return dataclasses.replace(config, diameter=max(1.0, diameter_nm / image.pixel_size_nm))
 
 
 def segment_images(
@@ -575,13 +626,18 @@ def segment_images(
         raise ValueError(f"there is no image to segment: {_ADVICE_OPEN}")
     with torch_threads(threads):
         seg = entry.segmenter(device)
-        config = seg.default_infer_config(**(overrides or {}))
-        total = count_tiles(images, config.tile_size, config.overlap, seg.model.config.divisor)
+        overrides = dict(overrides or {})
+        diameter_nm = overrides.pop("diameter_nm", None)
+        config = seg.default_infer_config(**overrides)
+        configs = [config_for_image(config, im, diameter_nm) for im in images]
+        # each image's particle size is estimated first: the tile counts depend on it
+        plans = [seg.plan(im.data, c) for im, c in zip(images, configs)]
+        total = sum(n for _, n in plans)
         clock = EtaClock(total)
         done = 0
         results: list[LayerResult] = []
-        for i, im in enumerate(images):
-            gen = seg.segment(im.data, config, with_attention=with_attention)
+        for i, (im, c, (plan, n_image)) in enumerate(zip(images, configs, plans)):
+            gen = seg.segment(im.data, c, with_attention=with_attention, scale=plan)
             try:
                 while True:
                     try:
@@ -601,7 +657,7 @@ def segment_images(
                     )
             finally:
                 gen.close()
-            done += count_tiles([im], config.tile_size, config.overlap, seg.model.config.divisor)
+            done += n_image
             table = particle_table(res.labels, im.scale, im.unit)
             result = LayerResult(
                 image=im,
@@ -610,6 +666,7 @@ def segment_images(
                 attention=res.attention,
                 model=entry.name,
                 device=res.device,
+                scale=res.scale,
             )
             results.append(result)
             yield Progress(

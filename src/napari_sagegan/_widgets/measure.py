@@ -29,53 +29,13 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from .._tasks import layer_pixel_size
 from ..engine.measure import Measurements, measure
 
 _NO_IMAGE = "(none)"
 #: Properties bounded to [0, 1]: coloured on that fixed range so images compare.
 _UNIT_RANGE = ("psi6", "psi4", "circularity", "solidity")
 _NAN_COLOUR = (0.5, 0.5, 0.5, 1.0)
-
-
-def layer_pixel_size(layer: Any) -> float | None:
-    """nm per pixel of a layer: ``metadata["pixel_size_nm"]``, else its scale when its
-    units are lengths (napari's default unit, the pixel, gives ``None``)."""
-    if layer is None:
-        return None
-    value = (getattr(layer, "metadata", None) or {}).get("pixel_size_nm")
-    if value:
-        return float(value)
-    units = getattr(layer, "units", None)
-    value = None
-    if units:
-        try:
-            import pint
-
-            quantity = (float(layer.scale[-1]) * units[-1]).to("nm")
-            value = float(quantity.magnitude)
-        except (ImportError, AttributeError, TypeError, ValueError, pint.DimensionalityError):
-            value = None
-    if value is not None and math.isfinite(value) and value > 0:
-        return value
-    return _source_tiff_pixel_size(layer)
-
-
-def _source_tiff_pixel_size(layer: Any) -> float | None:
-    """Pixel size from the metadata of the TIFF a layer was opened from.
-
-    napari's own TIFF reader (which this plugin leaves plain TIFFs to) drops the ImageJ, OME,
-    FEI and Zeiss pixel sizes; the file still has them.
-    """
-    path = getattr(getattr(layer, "source", None), "path", None)
-    if not path or not str(path).lower().endswith((".tif", ".tiff")):
-        return None
-    from ..io.em import tiff_pixel_size
-
-    try:
-        value = tiff_pixel_size(path)["pixel_size"]
-    except (OSError, ValueError):
-        return None
-    return float(value) if value else None
 
 
 class _TableModel(QAbstractTableModel):
@@ -211,6 +171,9 @@ class MeasureWidget(QWidget):
         self.reset_button.clicked.connect(self.reset_colours)
         self.export_button.clicked.connect(self._export_dialog)
         self.labels_combo.currentTextChanged.connect(self._fill_pixel_size)
+        self.labels_combo.currentTextChanged.connect(
+            lambda *_: self.image_combo.currentText() == _NO_IMAGE and self._pick_linked_image()
+        )
         self.image_combo.currentTextChanged.connect(self._fill_pixel_size)
         for event in ("inserted", "removed", "moved", "changed"):
             getattr(self.viewer.layers.events, event).connect(self._refresh_layers)
@@ -231,8 +194,20 @@ class MeasureWidget(QWidget):
             if current in names:
                 combo.setCurrentText(current)
             combo.blockSignals(False)
+        if self.image_combo.currentText() == _NO_IMAGE:
+            self._pick_linked_image()
         if (self.labels_combo.currentText(), self.image_combo.currentText()) != before:
             self._fill_pixel_size()
+
+    def _pick_linked_image(self, *args: Any) -> None:
+        """Select the image a Labels layer was made from (``<image> labels``, ``<image>
+        ground truth``), when no image is chosen yet: its pixel size and grey values."""
+        name = self.labels_combo.currentText()
+        for ending in (" labels", " ground truth"):
+            stem = name[: -len(ending)] if name.endswith(ending) else None
+            if stem and self._layer(stem, Image) is not None:
+                self.image_combo.setCurrentText(stem)
+                return
 
     def _layer(self, name: str, kind: type) -> Any:
         if name and name in self.viewer.layers and isinstance(self.viewer.layers[name], kind):

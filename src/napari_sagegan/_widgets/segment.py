@@ -95,6 +95,17 @@ class SegmentWidget(DockBase):
         self.threshold_spin.setDecimals(2)
         self.threshold_spin.setValue(0.5)
         self.threshold_spin.setToolTip("Particle probability threshold")
+        self.diameter_spin = QDoubleSpinBox()
+        self.diameter_spin.setRange(0.0, 100000.0)
+        self.diameter_spin.setDecimals(1)
+        self.diameter_spin.setSpecialValueText("auto (estimated per image)")
+        self.diameter_spin.setToolTip(
+            "Typical particle diameter, if you know it; 0 estimates it for each image. The "
+            "image is resampled so its particles come out at the size the network works at"
+        )
+        self.diameter_unit = QComboBox()
+        self.diameter_unit.addItems(["px", "nm"])
+        self.diameter_unit.setToolTip("nm needs the image's pixel size (scale or file metadata)")
         self.split_check = QCheckBox("split touching particles")
         self.split_check.setChecked(True)
         self.attention_check = QCheckBox("show attention map")
@@ -116,6 +127,10 @@ class SegmentWidget(DockBase):
         form.addRow("Device", device_row)
         form.addRow("Tile size", self.tile_spin)
         form.addRow("Threshold", self.threshold_spin)
+        diameter_row = QHBoxLayout()
+        diameter_row.addWidget(self.diameter_spin, 1)
+        diameter_row.addWidget(self.diameter_unit)
+        form.addRow("Particle size", diameter_row)
         form.addRow("", self.split_check)
         form.addRow("", self.attention_check)
         lay = QVBoxLayout(self)
@@ -206,11 +221,16 @@ class SegmentWidget(DockBase):
 
     def infer_overrides(self) -> dict:
         """The settings that replace the model's recommended inference settings."""
-        return {
+        out = {
             "tile_size": int(self.tile_spin.value()),
             "threshold": float(self.threshold_spin.value()),
             "split": bool(self.split_check.isChecked()),
         }
+        diameter = float(self.diameter_spin.value())
+        if diameter > 0:
+            key = "diameter_nm" if self.diameter_unit.currentText() == "nm" else "diameter"
+            out[key] = max(diameter, 1.0) if key == "diameter" else diameter
+        return out
 
     # ------------------------------------------------------------------ running
     def _inputs(self) -> list[_tasks.ImageInput]:
@@ -240,6 +260,15 @@ class SegmentWidget(DockBase):
         inputs = self._inputs()
         if not inputs:
             return None
+        overrides = self.infer_overrides()
+        if "diameter_nm" in overrides:
+            unknown = [im.name for im in inputs if not im.pixel_size_nm]
+            if unknown:
+                notify_error(
+                    f"The particle size is in nm, but the pixel size of {unknown[0]!r} is "
+                    "unknown: give the size in px, or open the image with its calibration."
+                )
+                return None
         entry = self.store.current
         try:
             entry.check_available()
@@ -251,7 +280,7 @@ class SegmentWidget(DockBase):
             entry,
             inputs,
             device=self.device_combo.currentText(),
-            overrides=self.infer_overrides(),
+            overrides=overrides,
             with_attention=self.attention_check.isChecked(),
             threads=self.threads,
         )
@@ -271,6 +300,8 @@ class SegmentWidget(DockBase):
             add_result_layers(self.viewer, result)
             self._n_done += 1
             line = f"{result.labels_name}: {result.n_particles} particles"
+            if result.scale is not None and result.scale.diameter is not None:
+                line += f" ({result.scale.describe(result.image.pixel_size_nm)})"
             self.result_label.setText(
                 (self.result_label.text() + "\n" if self.result_label.text() else "") + line
             )

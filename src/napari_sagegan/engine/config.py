@@ -108,8 +108,8 @@ class TrainConfig(_Config):
     term is per pixel; the plateau scheduler maximises the score it watches).
     """
 
-    patch_size: int = 256
-    batch_size: int = 4
+    patch_size: int = 128  # network pixels (particles are target_diameter across)
+    batch_size: int = 8
     lr: float = 1e-4
     weight_decay: float = 0.0
     epochs: int = 500
@@ -126,10 +126,16 @@ class TrainConfig(_Config):
     seed: int = 0
     fg_bias: float = 0.7  # probability that a patch is centred on a particle pixel
     augment_p: float = 0.5
-    invert: bool = False  # polarity-inversion augmentation (dark <-> bright particles)
-    min_instance_area: int = 15  # instances smaller than this (pixels) are dropped
+    invert: bool = True  # polarity-inversion augmentation (dark <-> bright particles)
+    min_instance_area: int = 15  # instances smaller than this (network pixels) are dropped
     plateau_patience: int = 10  # epochs without validation F1 gain before lr is halved
     num_threads: int = 0  # 0: leave torch's default
+    # Scale: every training image is resampled so that its particles' median diameter comes
+    # out at ``target_diameter`` pixels (the network scale, recorded in the checkpoint and
+    # used again at inference); ``None`` trains at the images' own scale. Patches are then
+    # zoomed by a random factor in [1/scale_jitter, scale_jitter] (log-uniform).
+    target_diameter: float | None = 32.0
+    scale_jitter: float = 1.5
 
     def __post_init__(self) -> None:
         if self.loss not in ("focal_tversky", "ce_dice"):
@@ -142,6 +148,13 @@ class TrainConfig(_Config):
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes must be positive, got {self.max_minutes}")
+        if self.target_diameter is not None and not 4.0 <= self.target_diameter <= 256.0:
+            raise ValueError(
+                f"target_diameter is the particle diameter the network sees, in pixels, and "
+                f"must be in [4, 256] (or None), got {self.target_diameter}"
+            )
+        if not 1.0 <= self.scale_jitter <= 4.0:
+            raise ValueError(f"scale_jitter must be in [1, 4], got {self.scale_jitter}")
 
 
 @dataclass(frozen=True)
@@ -168,6 +181,20 @@ class InferConfig(_Config):
         Objects smaller than this many pixels are removed.
     device : str
         ``auto``, ``cpu``, ``cuda`` or ``mps``.
+    diameter : float or None
+        Typical particle diameter of the images, pixels, when the user knows it; ``None``
+        estimates it per image. Only used with a model trained at a network scale
+        (``TrainConfig.target_diameter``): the image is resampled so its particles come out
+        at that size, and the maps and labels are mapped back to the image's grid.
+    auto_scale : bool
+        Estimate the diameter of each image when none is given (else use images as they are).
+    refine_scale : bool
+        After a first pass at the estimated scale, re-measure the diameter on the network's
+        own segmentation and run again when it differs by more than 30 %. Off by default:
+        on the EMPS hold-out it made the estimate worse with the models trained so far
+        (docs/benchmarks.md, "Particle scale and polarity per image").
+
+    ``tile_size`` and ``min_size`` are in network pixels when the image is resampled.
     """
 
     tile_size: int = 512
@@ -179,6 +206,9 @@ class InferConfig(_Config):
     fill_holes: bool = True
     min_size: int = 15
     device: str = "auto"
+    diameter: float | None = None
+    auto_scale: bool = True
+    refine_scale: bool = False
 
     def __post_init__(self) -> None:
         if self.tile_size < 16:
@@ -189,3 +219,8 @@ class InferConfig(_Config):
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             raise ValueError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
+        if self.diameter is not None and not (self.diameter >= 1.0):
+            raise ValueError(
+                f"diameter is the typical particle diameter in pixels and must be at least 1 "
+                f"(or None to estimate it), got {self.diameter}"
+            )

@@ -287,6 +287,19 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
 # --------------------------------------------------------------------------- sampler
 
 
+def _clamp_start(start: int, length: int, window: int) -> int:
+    """Clamp a window's start inside ``[0, length - window]`` (centred when it is longer)."""
+    if window >= length:
+        return (length - window) // 2
+    return min(max(start, 0), length - window)
+
+
+def _random_start(rng: np.random.Generator, length: int, window: int) -> int:
+    if window >= length:
+        return (length - window) // 2
+    return int(rng.integers(length - window + 1))
+
+
 class PatchSampler:
     """Random training patches from whole images, with targets and augmentation.
 
@@ -318,6 +331,11 @@ class PatchSampler:
         Particles smaller than this (pixels) are removed from the targets.
     seed : int
         Seed of the sampler's random generator.
+    scale_jitter : float
+        Each patch is zoomed by a factor drawn log-uniformly from
+        ``[1 / scale_jitter, scale_jitter]``: a window of ``P / zoom`` pixels is cut and
+        resampled to ``P`` (image bilinear, anti-aliased when shrinking; particle mask
+        nearest; distance bilinear). 1 disables it.
     """
 
     #: Most candidate patch centres kept per image (see ``_centres``).
@@ -334,6 +352,7 @@ class PatchSampler:
         augment_ops: Sequence[str] | None = None,
         min_area: int = 15,
         seed: int = 0,
+        scale_jitter: float = 1.0,
     ) -> None:
         if len(images) != len(labels):
             raise ValueError(f"got {len(images)} images but {len(labels)} masks: give one each")
@@ -345,6 +364,9 @@ class PatchSampler:
             raise ValueError(f"fg_bias must be in [0, 1], got {fg_bias}")
         if not 0.0 <= augment_p <= 1.0:
             raise ValueError(f"augment_p must be in [0, 1], got {augment_p}")
+        if not 1.0 <= scale_jitter <= 4.0:
+            raise ValueError(f"scale_jitter must be in [1, 4], got {scale_jitter}")
+        self.scale_jitter = float(scale_jitter)
         self.patch_size = int(patch_size)
         self.fg_bias = float(fg_bias)
         self.augment_p = float(augment_p)
@@ -409,15 +431,59 @@ class PatchSampler:
         """Total area of the images (pixels, before padding): sets the epoch length."""
         return int(self._areas.sum())
 
-    def _window(self, i: int) -> tuple[int, int]:
-        """Top-left corner of a patch in padded image ``i``."""
-        rng, p = self._rng, self.patch_size
+    def _window(self, i: int, p: int | None = None) -> tuple[int, int]:
+        """Top-left corner of a ``p``-pixel window in padded image ``i`` (may start at a
+        negative offset or run past the end when ``p`` exceeds the image: see ``_cut``)."""
+        rng = self._rng
+        p = self.patch_size if p is None else p
         h, w = self._x[i].shape
         index = self._fg_index[i]
         if index.size and rng.random() < self.fg_bias:
             cy, cx = divmod(int(index[rng.integers(index.size)]), w)
-            return min(max(cy - p // 2, 0), h - p), min(max(cx - p // 2, 0), w - p)
-        return int(rng.integers(h - p + 1)), int(rng.integers(w - p + 1))
+            return _clamp_start(cy - p // 2, h, p), _clamp_start(cx - p // 2, w, p)
+        return _random_start(rng, h, p), _random_start(rng, w, p)
+
+    def _cut(self, i: int, q: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A ``q``-pixel window of image ``i`` and its targets, padded where it leaves the
+        image (image with its median grey, targets with background)."""
+        top, left = self._window(i, q)
+        x, fg, dist = self._x[i], self._fg[i], self._dist[i]
+        h, w = x.shape
+        ys, xs = slice(max(top, 0), min(top + q, h)), slice(max(left, 0), min(left + q, w))
+        pad = (
+            (max(-top, 0), max(top + q - h, 0)),
+            (max(-left, 0), max(left + q - w, 0)),
+        )
+        parts = [x[ys, xs], fg[ys, xs], dist[ys, xs]]
+        if any(a or b for a, b in pad):
+            fill = float(np.median(x))
+            parts = [
+                np.pad(parts[0], pad, constant_values=fill),
+                np.pad(parts[1], pad),
+                np.pad(parts[2], pad),
+            ]
+        return parts[0], parts[1], parts[2]
+
+    def _zoomed(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A patch of image ``i`` at a random zoom, resampled to ``P x P``."""
+        from skimage.transform import resize
+
+        p = self.patch_size
+        log_j = math.log(self.scale_jitter)
+        zoom = math.exp(self._rng.uniform(-log_j, log_j))
+        q = max(4, int(round(p / zoom)))
+        x, fg, dist = self._cut(i, q)
+        if q == p:
+            return x, fg, dist
+        shrink = q > p
+        x = resize(x, (p, p), order=1, anti_aliasing=shrink, preserve_range=True)
+        fg = resize(fg, (p, p), order=0, anti_aliasing=False, preserve_range=True)
+        dist = resize(dist, (p, p), order=1, anti_aliasing=False, preserve_range=True)
+        return (
+            x.astype(np.float32),
+            fg.astype(np.uint8),
+            dist.astype(np.float32),
+        )
 
     def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Draw a batch of augmented patches.
@@ -446,9 +512,12 @@ class PatchSampler:
         dists = np.empty((batch_size, p, p), dtype=np.float32)
         for b in range(batch_size):
             i = int(self._rng.choice(self.n_images, p=self._p))
-            top, left = self._window(i)
-            win = (slice(top, top + p), slice(left, left + p))
-            x, fg, dist = self._x[i][win], self._fg[i][win], self._dist[i][win]
+            if self.scale_jitter > 1.0:
+                x, fg, dist = self._zoomed(i)
+            else:
+                top, left = self._window(i)
+                win = (slice(top, top + p), slice(left, left + p))
+                x, fg, dist = self._x[i][win], self._fg[i][win], self._dist[i][win]
             if self.augment_p > 0:
                 x, fg, dist = augment_sample(
                     x, fg, dist, self._rng, p=self.augment_p, ops=self.augment_ops

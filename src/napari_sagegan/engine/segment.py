@@ -10,6 +10,7 @@ processed are read at a time.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from .device import describe_device, resolve_device
 from .nets.attention_unet import AttentionUNet, fuse_batchnorm, maps_from_logits
 from .postprocess import instances_from_maps
 from .progress import Progress, run_to_end
+from .scale import ScaleInfo, estimate_diameter, median_diameter, scale_factor
 from .tiling import n_tiles, predict_tiled
 
 #: Above this many pixels per slice the probability maps are kept as float16.
@@ -46,6 +48,9 @@ class SegmentResult:
         The last attention gate's map in [0, 1] (when asked for).
     device : str
         The device actually used.
+    scale : ScaleInfo or None
+        The particle diameter used and the resampling factor (for a stack: the one used
+        for every slice, planned on the middle slice).
     """
 
     labels: np.ndarray
@@ -53,6 +58,37 @@ class SegmentResult:
     dist: np.ndarray | None = None
     attention: np.ndarray | None = None
     device: str = "cpu"
+    scale: ScaleInfo | None = None
+
+
+def _round_up(value: int, divisor: int) -> int:
+    return -(-int(value) // int(divisor)) * int(divisor)
+
+
+def _resampled(fn, factor: float, divisor: int):
+    """Wrap a tile prediction function so the network sees tiles resampled by ``factor``.
+
+    ``(N, 1, h, w)`` is resized to ``(N, 1, H, W)`` with ``H = round_up(h * factor,
+    divisor)`` (bilinear, anti-aliased when shrinking), predicted, and the maps resized
+    back to ``(h, w)``.
+    """
+    import torch.nn.functional as F
+
+    def wrapped(x: torch.Tensor) -> torch.Tensor:
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        size = (
+            max(divisor, _round_up(round(h * factor), divisor)),
+            max(divisor, _round_up(round(w * factor), divisor)),
+        )
+        xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=factor < 1)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            xs = xs.contiguous(memory_format=torch.channels_last)
+        maps = fn(xs).float()
+        return F.interpolate(
+            maps, size=(h, w), mode="bilinear", align_corners=False, antialias=factor > 1
+        ).clamp_(0.0, 1.0)
+
+    return wrapped
 
 
 def check_image(image: Any) -> tuple[int, ...]:
@@ -127,27 +163,123 @@ class Segmenter:
 
         return fn
 
+    @property
+    def target_diameter(self) -> float | None:
+        """Particle diameter (pixels) the network was trained to see; ``None``: the model
+        was trained at its images' own scale and images are used as they are."""
+        value = (self.checkpoint.get("train") or {}).get("target_diameter")
+        return float(value) if value else None
+
+    def plan_scale(self, image: Any, config: InferConfig | None = None) -> ScaleInfo:
+        """Choose the particle diameter and resampling factor for a 2-D image.
+
+        The user's ``config.diameter`` wins; else, with ``config.auto_scale``, a classical
+        estimate (:func:`~.scale.estimate_diameter`). A model without a network scale
+        always runs at the image's own scale.
+        """
+        config = config or self.default_infer_config()
+        target = self.target_diameter
+        if config.diameter:
+            d, source = float(config.diameter), "user"
+        elif config.auto_scale and target:
+            d, source = estimate_diameter(image), "estimate"
+            if d is None:
+                return ScaleInfo(None, "none", 1.0)
+        else:
+            return ScaleInfo(None, "none", 1.0)
+        return ScaleInfo(d, source, scale_factor(d, target))
+
     def predict_maps(
-        self, image: Any, config: InferConfig | None = None, *, with_attention: bool = False
+        self,
+        image: Any,
+        config: InferConfig | None = None,
+        *,
+        with_attention: bool = False,
+        factor: float = 1.0,
     ) -> Generator[Progress, None, np.ndarray]:
-        """Probability maps ``(K, Y, X)`` of a 2-D image: particle prob, [dist], [attention]."""
+        """Probability maps ``(K, Y, X)`` of a 2-D image: particle prob, [dist], [attention].
+
+        With ``factor != 1`` every tile is resampled by ``factor`` before the network and
+        its maps resampled back, so the maps are on the image's grid; tiles are cut
+        ``tile_size / factor`` image pixels wide, so the network still sees ``tile_size``.
+        """
         config = config or self.default_infer_config()
         shape = check_image(image)
         if len(shape) != 2:
             raise ValueError(f"predict_maps expects a 2-D image, got shape {shape}")
         out_dtype = np.float16 if shape[0] * shape[1] > _HALF_MAPS_PIXELS else np.float32
+        fn = self._predict_fn(with_attention)
+        divisor = self.model.config.divisor
+        tile = config.tile_size
+        if abs(factor - 1.0) > 1e-6:
+            fn = _resampled(fn, factor, divisor)
+            tile, divisor = max(8, int(round(config.tile_size / factor))), 1
         maps = yield from predict_tiled(
-            self._predict_fn(with_attention),
+            fn,
             image,
-            tile_size=config.tile_size,
+            tile_size=tile,
             overlap=config.overlap,
             batch_size=config.batch_size,
-            divisor=self.model.config.divisor,
+            divisor=divisor,
             device=self.device,
             out_dtype=out_dtype,
             channels_last=self.device.type == "cpu",
         )
         return maps
+
+    def plan(self, image: Any, config: InferConfig | None = None) -> tuple[ScaleInfo, int]:
+        """The scale :meth:`segment` will use for an image or stack, and its tile count.
+
+        Pass the returned ``ScaleInfo`` to :meth:`segment` (``scale=``) to skip a second
+        estimate. The count covers every slice (a refinement pass, if any, adds to it).
+        """
+        config = config or self.default_infer_config()
+        shape = check_image(image)
+        ref = image if len(shape) == 2 else image[shape[0] // 2]
+        info = self.plan_scale(ref, config)
+        n = self._tiles(shape[-2:], config, info.factor)
+        return info, n * (1 if len(shape) == 2 else shape[0])
+
+    def _tiles(self, yx: tuple[int, int], config: InferConfig, factor: float) -> int:
+        if abs(factor - 1.0) > 1e-6:
+            return n_tiles(yx, max(8, int(round(config.tile_size / factor))), config.overlap, 1)
+        return n_tiles(yx, config.tile_size, config.overlap, self.model.config.divisor)
+
+    def _plane(
+        self,
+        plane: Any,
+        config: InferConfig,
+        info: ScaleInfo,
+        with_attention: bool,
+        report,
+    ) -> Generator[Progress, None, tuple[np.ndarray, np.ndarray]]:
+        """Segment one 2-D plane at ``info``'s scale; ``report(ev)`` turns tile events into
+        the caller's events. Returns ``(labels, maps)``."""
+        gen = self.predict_maps(plane, config, with_attention=with_attention, factor=info.factor)
+        try:
+            while True:
+                try:
+                    ev = next(gen)
+                except StopIteration as stop:
+                    maps = stop.value
+                    break
+                yield report(ev)
+        finally:
+            gen.close()
+        has_dist = self.model.config.dist_head
+        min_size = config.min_size
+        if abs(info.factor - 1.0) > 1e-6:  # min_size is in network pixels
+            min_size = max(1, int(round(config.min_size / info.factor**2)))
+        lab = instances_from_maps(
+            maps[0],
+            maps[1] if has_dist else None,
+            threshold=config.threshold,
+            seed_threshold=config.seed_threshold,
+            split=config.split,
+            fill_holes=config.fill_holes,
+            min_size=min_size,
+        )
+        return lab.astype(np.int32, copy=False), maps
 
     def segment(
         self,
@@ -156,59 +288,74 @@ class Segmenter:
         *,
         with_attention: bool = False,
         keep_maps: bool = False,
+        scale: ScaleInfo | None = None,
     ) -> Generator[Progress, None, SegmentResult]:
         """Segment a 2-D image or a 3-D stack (slice by slice) into instance labels.
 
-        Yields ``Progress(stage="tiles", step, total)`` over all tiles of all slices.
+        With a model trained at a network scale, the image is resampled so its particles
+        come out at that size (:meth:`plan_scale`; a stack is planned once, on its middle
+        slice). When the diameter was estimated, a first pass measures it again on the
+        network's own segmentation and, if it differs by more than 30 %, the image is
+        segmented again at the measured scale (``config.refine_scale``).
+
+        Yields ``Progress(stage="tiles", step, total)`` over all tiles of all slices (the
+        total grows if a second pass is needed). ``scale``: a plan from :meth:`plan`.
         """
         config = config or self.default_infer_config()
         shape = check_image(image)
         slices = [None] if len(shape) == 2 else list(range(shape[0]))
         yx = shape[-2:]
-        per_slice = n_tiles(yx, config.tile_size, config.overlap, self.model.config.divisor)
-        total = per_slice * len(slices)
+        ref_z = None if len(shape) == 2 else shape[0] // 2
+        ref = image if ref_z is None else image[ref_z]
+        info = scale if scale is not None else self.plan_scale(ref, config)
+        state = {"done": 0, "total": self._tiles(yx, config, info.factor) * len(slices)}
+
+        def report(z):
+            def make(ev: Progress) -> Progress:
+                where = f"slice {z + 1}/{len(slices)}, " if z is not None else ""
+                return Progress(
+                    "tiles",
+                    state["done"] + ev.step,
+                    state["total"],
+                    eta_s=None,
+                    message=f"{where}tile {ev.step}/{ev.total}",
+                    data={"slice": z, "device": self.device_name, "scale": info},
+                )
+
+            return make
+
+        first: tuple[np.ndarray, np.ndarray] | None = None
+        if info.source == "estimate" and config.refine_scale:
+            first = yield from self._plane(ref, config, info, with_attention, report(ref_z))
+            state["done"] += self._tiles(yx, config, info.factor)
+            min_area = max(1, int(round(config.min_size / info.factor**2)))
+            measured = median_diameter(first[0], min_area=min_area)
+            if (
+                measured is not None
+                and int(first[0].max()) >= 3
+                and abs(math.log(measured / info.diameter)) > math.log(1.3)
+            ):
+                info = ScaleInfo(measured, "network", scale_factor(measured, self.target_diameter))
+                first = None
+                state["total"] = state["done"] + self._tiles(yx, config, info.factor) * len(slices)
+            else:
+                state["total"] = state["done"] + self._tiles(yx, config, info.factor) * (
+                    len(slices) - 1
+                )
         # 2-D: the slice's labels are the result (no second full-size copy)
         labels = np.zeros(shape, dtype=np.int32) if len(shape) == 3 else None
         keep = keep_maps or with_attention
+        has_dist = self.model.config.dist_head
         prob = dist = att = None
         offset = 0
-        done = 0
         for z in slices:
-            plane = image if z is None else image[z]
-            gen = self.predict_maps(plane, config, with_attention=with_attention)
-            try:
-                while True:
-                    try:
-                        ev = next(gen)
-                    except StopIteration as stop:
-                        maps = stop.value
-                        break
-                    yield Progress(
-                        "tiles",
-                        done + ev.step,
-                        total,
-                        eta_s=None,
-                        message=(
-                            f"slice {z + 1}/{len(slices)}, tile {ev.step}/{ev.total}"
-                            if z is not None
-                            else f"tile {ev.step}/{ev.total}"
-                        ),
-                        data={"slice": z, "device": self.device_name},
-                    )
-            finally:
-                gen.close()
-            done += per_slice
-            has_dist = self.model.config.dist_head
-            lab = instances_from_maps(
-                maps[0],
-                maps[1] if has_dist else None,
-                threshold=config.threshold,
-                seed_threshold=config.seed_threshold,
-                split=config.split,
-                fill_holes=config.fill_holes,
-                min_size=config.min_size,
-            )
-            lab = lab.astype(np.int32, copy=False)
+            if first is not None and z == ref_z:
+                lab, maps = first
+                first = None
+            else:
+                plane = image if z is None else image[z]
+                lab, maps = yield from self._plane(plane, config, info, with_attention, report(z))
+                state["done"] += self._tiles(yx, config, info.factor)
             n = int(lab.max())
             if z is None:
                 labels = lab
@@ -233,6 +380,7 @@ class Segmenter:
             dist=dist if keep_maps else None,
             attention=att,
             device=self.device_name,
+            scale=info,
         )
 
     def segment_sync(

@@ -14,6 +14,7 @@ rate is halved when that score has not improved for ``plateau_patience`` validat
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import random
@@ -36,6 +37,7 @@ from .metrics import evaluate_pair, mean_metrics
 from .nets.attention_unet import AttentionUNet, maps_from_logits
 from .postprocess import instances_from_maps
 from .progress import Progress, run_to_end
+from .scale import estimate_diameter, median_diameter, rescale_pair, scale_factor
 from .tiling import predict_tiled
 
 
@@ -173,6 +175,14 @@ class SegmenterTrainer:
             self.arch = arch or ArchConfig()
             self.model = AttentionUNet(self.arch)
         self.infer = infer or InferConfig()
+        if ckpt is not None:
+            # a model keeps the network scale it was trained at (None: images' own scale)
+            stored = (ckpt.get("train") or {}).get("target_diameter")
+            self.config = dataclasses.replace(self.config, target_diameter=stored)
+        self.train_images, self.train_labels = self._to_network_scale(
+            self.train_images, self.train_labels
+        )
+        self.val_images, self.val_labels = self._to_network_scale(self.val_images, self.val_labels)
         self.model.to(self.device)
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay
@@ -192,10 +202,40 @@ class SegmenterTrainer:
             augment_ops=[op for op in AUGMENTATIONS if op != "invert" or self.config.invert],
             min_area=self.config.min_instance_area,
             seed=self.config.seed + self.start_epoch,
+            scale_jitter=self.config.scale_jitter if self.config.target_diameter else 1.0,
         )
         self.stopped_by = "epochs"
 
     # ------------------------------------------------------------------ helpers
+    def _factor(self, image: np.ndarray, labels: np.ndarray) -> float:
+        """Resampling factor that brings a labelled image to the network scale: from its
+        particles' median diameter, or, for an image without particles, from the same
+        estimate inference would make (so empty fields are seen as they will be met)."""
+        target = self.config.target_diameter
+        if not target:
+            return 1.0
+        diameter = median_diameter(labels, min_area=4)
+        if diameter is None:
+            diameter = estimate_diameter(image)
+        return scale_factor(diameter, target)
+
+    def _to_network_scale(
+        self, images: list[np.ndarray], labels: list[np.ndarray]
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Resample each pair so its particles' median diameter is ``target_diameter``
+        (images without particles keep their scale)."""
+        if not self.config.target_diameter:
+            return list(images), list(labels)
+        out_i, out_l = [], []
+        for image, lab in zip(images, labels):
+            image, lab = np.asarray(image), np.asarray(lab)
+            factor = self._factor(image, lab)
+            if abs(factor - 1.0) > 1e-3:
+                image, lab = rescale_pair(image.astype(np.float32), lab, factor)
+            out_i.append(image)
+            out_l.append(lab)
+        return out_i, out_l
+
     @property
     def steps_per_epoch(self) -> int:
         if self.config.steps_per_epoch > 0:

@@ -20,7 +20,7 @@ import contextlib
 import os
 import uuid
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -286,12 +286,12 @@ def read_labels(path: str | os.PathLike) -> np.ndarray:
 # --------------------------------------------------------------------------- listing
 
 
-def _image_files(folder: Path) -> list[Path]:
+def _image_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
     """Image files directly inside ``folder`` (not recursive), sorted, hidden files skipped."""
     return sorted(
         f
         for f in folder.iterdir()
-        if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES
+        if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in suffixes
     )
 
 
@@ -392,14 +392,19 @@ def find_pairs(
     return [(images[s], matched[s]) for s in sorted(matched)]
 
 
-def list_images(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+def list_images(
+    inputs: str | os.PathLike | Iterable[str | os.PathLike],
+    suffixes: Sequence[str] = IMAGE_SUFFIXES,
+) -> list[Path]:
     """Expand files and folders into a list of image files.
 
     Parameters
     ----------
     inputs : path or iterable of paths
-        Image files and/or folders. Folders contribute their image files (suffixes in
-        :data:`IMAGE_SUFFIXES`, not recursive, sorted by name, hidden files skipped).
+        Image files and/or folders. Folders contribute their image files (``suffixes``,
+        not recursive, sorted by name, hidden files skipped).
+    suffixes : sequence of str
+        Accepted file suffixes, lower case with the dot (default :data:`IMAGE_SUFFIXES`).
 
     Returns
     -------
@@ -416,7 +421,8 @@ def list_images(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     inputs = list(inputs)
-    kinds = ", ".join(IMAGE_SUFFIXES)
+    suffixes = tuple(suffixes)
+    kinds = ", ".join(suffixes)
     if not inputs:
         raise ValueError("no input given: pass image files or folders of images")
     out: list[Path] = []
@@ -426,10 +432,10 @@ def list_images(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list
         if not p.exists():
             raise FileNotFoundError(f"{p} does not exist: check the path")
         if p.is_dir():
-            files = _image_files(p)
+            files = _image_files(p, suffixes)
             if not files:
                 raise ValueError(f"the folder {p} holds no image files ({kinds})")
-        elif p.suffix.lower() not in IMAGE_SUFFIXES:
+        elif p.suffix.lower() not in suffixes:
             raise ValueError(f"{p} is not a supported image file; expected one of {kinds}")
         else:
             files = [p]

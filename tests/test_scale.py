@@ -1,0 +1,217 @@
+"""Per-image particle scale and polarity: estimate, resample, override, map back."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import disc_image
+from napari_sagegan.engine.config import ArchConfig, InferConfig, TrainConfig
+from napari_sagegan.engine.data import PatchSampler
+from napari_sagegan.engine.metrics import evaluate_pair
+from napari_sagegan.engine.scale import (
+    MAX_FACTOR,
+    estimate_diameter,
+    median_diameter,
+    rescale_pair,
+    scale_factor,
+)
+from napari_sagegan.engine.segment import Segmenter
+from napari_sagegan.engine.synthetic import make_sample
+from napari_sagegan.engine.train_seg import SegmenterTrainer
+
+TARGET = 12.0
+
+
+def layout(magnification: float, dark: bool = True, seed: int = 0):
+    """The same particle layout drawn at a magnification: 6 discs of radius 6 px at x1."""
+    centres = [(14, 14), (14, 48), (34, 30), (52, 12), (54, 50), (34, 56)]
+    m = magnification
+    shape = (int(68 * m), int(68 * m))
+    return disc_image(
+        shape,
+        [(int(y * m), int(x * m)) for y, x in centres],
+        radius=int(round(6 * m)),
+        seed=seed,
+        dark=dark,
+    )
+
+
+def toy_training_set(n=10):
+    """``n`` layouts at random magnifications and both contrasts, plus two empty fields."""
+    rng = np.random.default_rng(1)
+    images, labels = [], []
+    for i in range(n):
+        m = float(rng.uniform(0.7, 2.0))
+        img, lab = layout(m, dark=bool(i % 2), seed=i)
+        images.append(img)
+        labels.append(lab)
+    for _ in range(2):
+        images.append(rng.normal(128, 8, (96, 96)).astype(np.float32))
+        labels.append(np.zeros((96, 96), np.int32))
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def scaled_model():
+    """A tiny model trained at a network scale of 12-px particles, both polarities."""
+    torch.manual_seed(0)
+    images, labels = toy_training_set(12)
+    trainer = SegmenterTrainer(
+        images,
+        labels,
+        TrainConfig(
+            patch_size=48,
+            batch_size=8,
+            epochs=6,
+            steps_per_epoch=15,
+            lr=3e-3,
+            val_fraction=0.25,
+            augment_p=0.5,
+            invert=True,
+            min_instance_area=5,
+            target_diameter=TARGET,
+            scale_jitter=1.3,
+            seed=0,
+        ),
+        arch=ArchConfig(base_channels=8, depth=3, dropout=0.0),
+        device="cpu",
+        infer=InferConfig(tile_size=64, min_size=8),
+    )
+    for _ in trainer.run():
+        pass
+    seg = Segmenter(
+        trainer.best_model(),
+        device="cpu",
+        checkpoint={"train": {"target_diameter": TARGET}, "infer": trainer.infer.to_dict()},
+    )
+    return seg
+
+
+def grid_discs(radius: int, dark: bool, n: int = 6):
+    """``n x n`` discs on a jittered grid (spacing 3 radii), background texture and noise."""
+    rng = np.random.default_rng(radius)
+    spacing = 3 * radius + 2
+    side = spacing * n + 2 * radius
+    centres = [
+        (
+            int(spacing * (i + 0.5) + rng.integers(-1, 2)),
+            int(spacing * (j + 0.5) + rng.integers(-1, 2)),
+        )
+        for i in range(n)
+        for j in range(n)
+    ]
+    return disc_image((side, side), centres, radius=radius, seed=radius, dark=dark)
+
+
+def test_size_estimate_within_20_percent_on_known_sizes():
+    for radius in (3, 8, 20, 45):
+        for dark in (True, False):
+            img, lab = grid_discs(radius, dark)
+            truth = median_diameter(lab)
+            est = estimate_diameter(img)
+            assert est == pytest.approx(truth, rel=0.2), (radius, dark, est, truth)
+    for kind, seed in (("tem_dispersed", 0), ("haadf_square", 0), ("sem_sparse", 1)):
+        img, lab = make_sample(kind, shape=(384, 384), seed=seed)
+        assert estimate_diameter(img) == pytest.approx(median_diameter(lab), rel=0.2), kind
+
+
+def test_size_estimate_on_a_huge_image_reads_only_a_crop(tmp_path):
+    img, lab = disc_image((300, 300), [(60, 60), (150, 150), (240, 80)], radius=10)
+    big = np.lib.format.open_memmap(
+        tmp_path / "big.npy", mode="w+", dtype=np.uint8, shape=(6000, 6000)
+    )
+    big[:] = 190
+    big[2850:3150, 2850:3150] = img  # the central crop holds the particles
+    assert estimate_diameter(big) == pytest.approx(median_diameter(lab), rel=0.2)
+
+
+def test_scale_factor_and_rescale_pair():
+    assert scale_factor(64.0, 32.0) == 0.5
+    assert scale_factor(1.0, 32.0) == MAX_FACTOR  # clipped
+    assert scale_factor(None, 32.0) == 1.0
+    img, lab = disc_image((64, 64), [(20, 20), (44, 40)], radius=7)
+    big_img, big_lab = rescale_pair(img, lab, 2.0)
+    assert big_img.shape == big_lab.shape == (128, 128)
+    assert set(np.unique(big_lab)) == {0, 1, 2}  # nearest neighbour keeps the ids
+    assert median_diameter(big_lab) == pytest.approx(2 * median_diameter(lab), rel=0.05)
+
+
+def test_zoomed_patches_keep_image_and_targets_aligned():
+    img, lab = disc_image((64, 64), [(20, 20), (44, 40)], radius=7)
+    sampler = PatchSampler(
+        [img], [lab], patch_size=32, augment_p=0.0, fg_bias=1.0, scale_jitter=2.0, seed=0
+    )
+    x, fg, dist = sampler.sample(16)
+    assert x.shape == (16, 1, 32, 32) and fg.shape == dist.shape == (16, 32, 32)
+    # dark particles: the particle pixels are darker than the rest in every patch
+    for b in range(16):
+        inside, outside = x[b, 0][fg[b] == 1], x[b, 0][fg[b] == 0]
+        if inside.numel() > 4 and outside.numel() > 4:
+            assert inside.mean() < outside.mean() - 0.5
+        assert float(dist[b][fg[b] == 0].numpy().max(initial=0)) <= 0.5
+
+
+def test_same_layout_at_several_magnifications_gives_the_same_count(scaled_model):
+    counts, factors = [], []
+    for m in (1.0, 2.0, 3.5):
+        img, lab = layout(m)
+        result = scaled_model.segment_sync(img)
+        counts.append(int(result.labels.max()))
+        factors.append(result.scale.factor)
+        assert result.labels.shape == img.shape
+        assert evaluate_pair(result.labels, lab)["f1@0.5"] >= 0.8, m
+    assert counts == [6, 6, 6]
+    assert factors[0] > factors[1] > factors[2]  # bigger particles are shrunk more
+
+
+def test_same_layout_without_scale_handling_is_not_scale_invariant(scaled_model):
+    # the control: at its own scale the network sees 42-px particles it never saw
+    img, lab = layout(3.5)
+    plain = scaled_model.segment_sync(img, InferConfig(tile_size=64, min_size=8, auto_scale=False))
+    scaled = scaled_model.segment_sync(img, InferConfig(tile_size=64, min_size=8))
+    assert plain.scale.factor == 1.0
+    assert evaluate_pair(scaled.labels, lab)["f1@0.5"] > evaluate_pair(plain.labels, lab)["f1@0.5"]
+
+
+def test_inverted_image_gives_the_same_labels(scaled_model):
+    img, lab = layout(1.5, dark=True, seed=5)
+    a = scaled_model.segment_sync(img).labels
+    b = scaled_model.segment_sync(255 - img).labels
+    assert int(a.max()) == int(b.max()) == 6
+    match = evaluate_pair(b, a)
+    assert match["f1@0.5"] == 1.0 and match["dice"] >= 0.8
+
+
+def test_user_diameter_overrides_the_estimate(scaled_model):
+    img, lab = layout(2.0)
+    result = scaled_model.segment_sync(img, InferConfig(tile_size=64, min_size=8, diameter=24.0))
+    assert result.scale.source == "user" and result.scale.diameter == 24.0
+    assert result.scale.factor == pytest.approx(TARGET / 24.0)
+    assert int(result.labels.max()) == 6
+    auto = scaled_model.segment_sync(img)
+    assert auto.scale.source in ("estimate", "network")
+    assert auto.scale.diameter == pytest.approx(median_diameter(lab), rel=0.2)
+
+
+def test_empty_image_gives_an_empty_result(scaled_model):
+    flat = np.full((80, 80), 128, np.uint8)
+    noise = np.random.default_rng(0).normal(128, 3, (80, 80)).astype(np.float32)
+    for image in (flat, noise):
+        result = scaled_model.segment_sync(image)
+        assert result.labels.shape == image.shape
+        assert int(result.labels.max()) == 0
+
+
+def test_resampled_inference_is_the_same_on_a_memmap_and_a_stack(scaled_model, tmp_path):
+    img, _ = layout(2.0)
+    config = InferConfig(tile_size=32, min_size=8, diameter=24.0)  # several tiles
+    ref = scaled_model.segment_sync(img, config).labels
+    mm = np.lib.format.open_memmap(
+        tmp_path / "img.npy", mode="w+", dtype=img.dtype, shape=img.shape
+    )
+    mm[:] = img
+    assert np.array_equal(scaled_model.segment_sync(mm, config).labels, ref)
+    stack = np.stack([img, img])
+    result = scaled_model.segment_sync(stack, config)
+    assert result.labels.shape == stack.shape
+    assert int(result.labels[0].max()) == int(ref.max())
