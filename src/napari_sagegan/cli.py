@@ -7,6 +7,7 @@ output; an interrupted run (Ctrl-C) exits with status 130.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -92,16 +93,21 @@ def cmd_train(args: argparse.Namespace) -> int:
             "sagegan: no --epochs or --max-minutes given: training for at most 60 minutes",
             file=sys.stderr,
         )
+    optional = {
+        "batch_size": args.batch_size,
+        "patch_size": args.patch_size,
+        "scale_jitter": args.scale_jitter,
+    }
     config = TrainConfig(
         epochs=epochs or 500,
         max_minutes=max_minutes,
         seed=args.seed,
-        batch_size=args.batch_size,
-        patch_size=args.patch_size,
         lr=args.lr,
         loss=args.loss,
         val_fraction=args.val_fraction,
         steps_per_epoch=args.steps_per_epoch,
+        target_diameter=args.target_diameter or None,
+        **{k: v for k, v in optional.items() if v is not None},
     )
     arch = preset(args.preset)
     images, labels = _load_pairs(args.images, args.masks)
@@ -160,11 +166,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- segment
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .io.images import list_images, probe_image, read_image, write_labels_tif
+    from .io.em import EM_SUFFIXES, read_em
+    from .io.export import write_labels_tiff
+    from .io.images import IMAGE_SUFFIXES, list_images, probe_image, read_image
 
-    files = list_images(args.inputs)
+    files = list_images(args.inputs, IMAGE_SUFFIXES + EM_SUFFIXES)
     for f in files:  # refuse a bad input before spending time on the good ones
-        probe_image(f)
+        if f.suffix.lower() not in EM_SUFFIXES:  # EM readers have no header-only mode
+            probe_image(f)
     stems = [f.stem for f in files]
     dupes = sorted({s for s in stems if stems.count(s) > 1})
     if dupes:
@@ -179,13 +188,51 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .engine.config import InferConfig  # noqa: F401  (validates overrides below)
     from .engine.segment import Segmenter
 
+    if args.diameter is not None and args.diameter_nm is not None:
+        raise _Fail("give the particle diameter once: --diameter (pixels) or --diameter-nm")
+    for flag, value in (("--diameter", args.diameter), ("--diameter-nm", args.diameter_nm)):
+        if value is not None and not value > 0:
+            raise _Fail(f"{flag} must be a positive particle diameter, got {value}")
+    if args.pixel_size is not None and not args.pixel_size > 0:
+        raise _Fail(f"--pixel-size must be a positive number of nm, got {args.pixel_size}")
+    from .io.em import read_pixel_size
+
+    pixel_sizes, px_sources = {}, {}
+    for f in files:  # header only for TIFFs; EM files tell theirs when they are read
+        if args.pixel_size:
+            pixel_sizes[f], px_sources[f] = args.pixel_size, "given"
+        elif f.suffix.lower() not in EM_SUFFIXES:
+            meta = read_pixel_size(f)
+            pixel_sizes[f], px_sources[f] = meta.get("pixel_size"), meta.get("source")
+    if args.diameter_nm is not None:
+        for f in files:
+            if f not in pixel_sizes:
+                meta = read_pixel_size(f)
+                pixel_sizes[f], px_sources[f] = meta.get("pixel_size"), meta.get("source")
+        if args.diameter_nm is not None:
+            unknown = [f.name for f in files if not pixel_sizes[f]]
+            if unknown:
+                raise _Fail(
+                    f"--diameter-nm needs the pixel size, and {unknown[0]} does not record one; "
+                    "give --pixel-size NM, or the diameter in pixels with --diameter"
+                )
+
     seg = Segmenter.load(args.model, device=args.device)
     config = seg.default_infer_config(
         tile_size=args.tile_size,
         threshold=args.threshold,
         batch_size=args.batch_size,
         split=False if args.no_split else None,
+        auto_scale=False if args.no_auto_scale else None,
     )
+    if seg.target_diameter is None and (args.diameter or args.diameter_nm):
+        import warnings
+
+        warnings.warn(
+            "this model was trained at its images' own scale (no network scale): the "
+            "particle diameter is ignored; retrain it with `sagegan train` to use one",
+            stacklevel=1,
+        )
     print(f"sagegan: segmenting {len(files)} image(s) on {seg.device_name}", file=sys.stderr)
     parent = out_dir.parent if str(out_dir.parent) else Path(".")
     if not parent.exists():
@@ -194,17 +241,39 @@ def cmd_segment(args: argparse.Namespace) -> int:
     try:
         written = []
         for i, path in enumerate(files, 1):
-            image = read_image(path)
+            if path.suffix.lower() in EM_SUFFIXES:
+                image, meta = read_em(path)
+                if path not in pixel_sizes:
+                    pixel_sizes[path], px_sources[path] = meta.get("pixel_size"), meta["source"]
+            else:
+                image = read_image(path)
             bar = _progress_bar(None, f"[{i}/{len(files)}] {path.name}")
-            result = _drive(seg.segment(image, config), bar)
+            px = pixel_sizes.get(path)
+            diameter = args.diameter
+            if args.diameter_nm is not None:
+                diameter = args.diameter_nm / px
+            plane_config = dataclasses.replace(config, diameter=diameter) if diameter else config
+            result = _drive(seg.segment(image, plane_config), bar)
+            if result.scale is not None and result.scale.diameter is not None:
+                print(f"sagegan: {path.name}: {result.scale.describe(px)}", file=sys.stderr)
             target = staging / f"{path.stem}.tif"
-            write_labels_tif(target, result.labels)
+            # Fiji-ready labels, calibrated when the pixel size is known
+            write_labels_tiff(
+                target,
+                result.labels,
+                scale=(px, px) if px else None,  # Y, X (a stack's Z stays a slice index)
+                unit="nm" if px else None,
+            )
             if args.csv:
                 from ._measure_cli import write_particle_csv
-                from .io.em import read_pixel_size
 
-                px = args.pixel_size or read_pixel_size(path).get("pixel_size")
-                write_particle_csv(staging / f"{path.stem}.csv", result.labels, image, px)
+                write_particle_csv(
+                    staging / f"{path.stem}.csv",
+                    result.labels,
+                    image,
+                    px,
+                    pixel_size_source=px_sources.get(path) if px else None,
+                )
             n = int(result.labels.max())  # ids are consecutive and unique across slices
             written.append((path, n))
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -275,8 +344,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=None, help="maximum epochs (default 500)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    t.add_argument("--batch-size", type=int, default=4)
-    t.add_argument("--patch-size", type=int, default=256)
+    t.add_argument("--batch-size", type=int, default=None, help="patches per step (default 8)")
+    t.add_argument(
+        "--patch-size", type=int, default=None, help="patch side in network pixels (default 128)"
+    )
+    t.add_argument(
+        "--target-diameter",
+        type=float,
+        default=32.0,
+        metavar="PX",
+        help="train at this particle diameter: each image is resampled so its particles' "
+        "median diameter is PX pixels (default 32; 0: train at the images' own scale). "
+        "Ignored when fine-tuning or resuming: a model keeps its own",
+    )
+    t.add_argument(
+        "--scale-jitter",
+        type=float,
+        default=None,
+        help="zoom patches by a random factor in [1/J, J] (default 1.5)",
+    )
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--loss", default="focal_tversky", choices=["focal_tversky", "ce_dice"])
     t.add_argument("--val-fraction", type=float, default=0.2)
@@ -298,6 +384,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=float, default=None, help="particle probability")
     s.add_argument("--no-split", action="store_true", help="do not split touching particles")
     s.add_argument(
+        "--diameter",
+        type=float,
+        default=None,
+        metavar="PX",
+        help="typical particle diameter in pixels, if you know it (default: estimated per image)",
+    )
+    s.add_argument(
+        "--diameter-nm",
+        type=float,
+        default=None,
+        metavar="NM",
+        help="typical particle diameter in nm (needs --pixel-size or a pixel size in the file)",
+    )
+    s.add_argument(
+        "--no-auto-scale",
+        action="store_true",
+        help="segment every image at its own scale (no particle size estimate)",
+    )
+    s.add_argument(
         "--csv",
         action="store_true",
         help="also write DIR/<stem>.csv (one row per particle) and a summary JSON",
@@ -307,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         metavar="NM",
-        help="pixel size in nm for --csv (default: read from the image file)",
+        help="pixel size in nm for --csv and --diameter-nm (default: read from the image file)",
     )
     s.set_defaults(func=cmd_segment)
 
@@ -320,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ._measure_cli import add_measure_parser
 
     add_measure_parser(sub)
+    from ._gan_cli import add_gan_parsers
+
+    add_gan_parsers(sub)
     return p
 
 
