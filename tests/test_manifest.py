@@ -46,6 +46,7 @@ def test_manifest_is_valid_and_complete(manifest):
         "Correct and retrain",
         "Export labels",
         "Measure particles",
+        "Augment (SAGE-GAN)",
     }
     (writer,) = contrib.writers
     assert [str(t) for t in writer.layer_types] == ["labels"]
