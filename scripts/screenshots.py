@@ -1,13 +1,16 @@
 """Screenshots of the real napari window with the plugin's widgets, for the docs.
 
 Opens napari (under a private Xvfb display when there is none), loads the "TEM dispersed
-particles" sample, docks the Segment, Correct-and-retrain and Export widgets, segments the
-image, fine-tunes briefly on the corrected labels, and saves the whole window::
+particles" sample, docks the Segment, Measure, Export and Correct-and-retrain widgets,
+segments the image, measures the particles, fine-tunes briefly on the corrected labels, and
+saves the whole window::
 
     python scripts/screenshots.py [--model default|MODEL.pt] [--out docs/images]
+                                  [--only segment,measure,export,retrain]
 
-Writes segment.png, export.png and retrain.png. Uses the bundled default model when it is
-installed (pass ``--model`` otherwise).
+Writes segment.png, measure.png, export.png and retrain.png (``--only``: just those named;
+the segmentation always runs). Uses the bundled default model when it is installed (pass
+``--model`` otherwise).
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WINDOW = (1500, 960)
+SHOTS = ("segment", "measure", "export", "retrain")
+#: nm per pixel typed into the Measure widget (the sample carries no calibration); the demo
+#: (scripts/demo.py) calibrates its "tem_dispersed" image the same way.
+MEASURE_PIXEL_SIZE_NM = 0.75
 
 
 def ensure_display() -> subprocess.Popen | None:
@@ -72,24 +79,33 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: as the widgets)"
     )
+    parser.add_argument(
+        "--only",
+        default=",".join(SHOTS),
+        help=f"comma-separated screenshots to write (default: all of {', '.join(SHOTS)})",
+    )
     args = parser.parse_args()
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    if not only or not only <= set(SHOTS):
+        parser.error(f"--only takes some of {', '.join(SHOTS)}, got {args.only!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     xvfb = ensure_display()
     try:
-        shoot(args.model, out, args.threads)
+        shoot(args.model, out, args.threads, only)
     finally:
         if xvfb is not None:
             xvfb.terminate()
             xvfb.wait(timeout=10)
 
 
-def shoot(model: str, out: Path, threads: int | None) -> None:
+def shoot(model: str, out: Path, threads: int | None, only: set[str] | None = None) -> None:
     import napari
     import numpy as np
     from qtpy.QtCore import Qt
     from qtpy.QtWidgets import QApplication
 
+    only = set(SHOTS) if only is None else only
     viewer = napari.Viewer(show=True, title="napari-sagegan")
     app = QApplication.instance()
     win = viewer.window._qt_window
@@ -109,11 +125,43 @@ def shoot(model: str, out: Path, threads: int | None) -> None:
     labels = viewer.layers[f"{name} labels"]
     viewer.layers.selection.active = labels
     settle(app, 1.0)
-    viewer.screenshot(str(out / "segment.png"), canvas_only=False)
+    if "segment" in only:
+        viewer.screenshot(str(out / "segment.png"), canvas_only=False)
     print(f"{labels.name}: {len(labels.features)} particles")
+    written = ["segment.png"] if "segment" in only else []
 
-    # 2. export, with napari's feature table showing the particle measurements
+    # 2. measure: the pixel size typed in (the sample has none), plots, particles coloured
     seg_dock.hide()
+    if "measure" in only:
+        me_dock, meas = viewer.window.add_plugin_dock_widget("napari-sagegan", "Measure particles")
+        segment_features = labels.features.copy()  # Measure replaces them; restored below
+        meas.labels_combo.setCurrentText(labels.name)
+        meas.image_combo.setCurrentText(name)
+        meas.pixel_size.setValue(MEASURE_PIXEL_SIZE_NM)
+        result = meas.run(blocking=True)
+        meas.tabs.setCurrentIndex(1)  # the plots
+        meas.colour_combo.setCurrentText(f"equivalent_diameter_{result.unit}")
+        meas.colour_by(meas.colour_combo.currentText())
+        viewer.layers.selection.active = labels
+        settle(app, 0.5)
+        win.resizeDocks([me_dock], [560], Qt.Orientation.Horizontal)
+        settle(app, 1.5)
+        viewer.screenshot(str(out / "measure.png"), canvas_only=False)
+        written.append("measure.png")
+        s = result.summary
+        print(
+            f"measure: {s['n_particles']} particles, D50 "
+            f"{s[f'equivalent_diameter_{result.unit}_d50']:.3g} {result.unit}"
+        )
+        meas.reset_colours()
+        labels.features = segment_features
+        me_dock.hide()
+    if not only & {"export", "retrain"}:
+        print(f"wrote {', '.join(f'{out}/{w}' for w in written)}")
+        viewer.close()
+        return
+
+    # 3. export, with napari's feature table showing the particle measurements
     ex_dock, export = viewer.window.add_plugin_dock_widget("napari-sagegan", "Export labels")
     export.folder_edit.setText(str(Path.home() / "sagegan-export"))
     viewer.layers.selection.active = labels
@@ -121,9 +169,15 @@ def shoot(model: str, out: Path, threads: int | None) -> None:
     settle(app, 0.5)
     win.resizeDocks([ex_dock, table_dock], [220, 700], Qt.Orientation.Vertical)
     settle(app, 1.0)
-    viewer.screenshot(str(out / "export.png"), canvas_only=False)
+    if "export" in only:
+        viewer.screenshot(str(out / "export.png"), canvas_only=False)
+        written.append("export.png")
+    if "retrain" not in only:
+        print(f"wrote {', '.join(f'{out}/{w}' for w in written)}")
+        viewer.close()
+        return
 
-    # 3. correct (here: the exact ground truth stands for the user's corrections), retrain
+    # 4. correct (here: the exact ground truth stands for the user's corrections), retrain
     ex_dock.hide()
     table_dock.hide()
     re_dock, retrain = viewer.window.add_plugin_dock_widget("napari-sagegan", "Correct and retrain")
@@ -143,8 +197,9 @@ def shoot(model: str, out: Path, threads: int | None) -> None:
     viewer.layers.selection.active = labels
     settle(app, 1.0)
     viewer.screenshot(str(out / "retrain.png"), canvas_only=False)
+    written.append("retrain.png")
     n = int(np.unique(labels.data).size - 1)
-    print(f"wrote {out}/segment.png, export.png, retrain.png ({n} particles corrected)")
+    print(f"wrote {', '.join(f'{out}/{w}' for w in written)} ({n} particles corrected)")
     viewer.close()
 
 
