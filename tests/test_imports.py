@@ -22,8 +22,14 @@ def test_package_import_loads_neither_torch_nor_qt():
 
 @pytest.mark.parametrize(
     "module",
-    ["engine.segment", "engine.train_seg", "engine.synthetic", "engine.metrics", "io.images",
-     "cli"],
+    [
+        "engine.segment",
+        "engine.train_seg",
+        "engine.synthetic",
+        "engine.metrics",
+        "io.images",
+        "cli",
+    ],
 )
 def test_engine_and_cli_load_no_qt_or_napari(module):
     loaded = _loaded_after(f"import napari_sagegan.{module}")
