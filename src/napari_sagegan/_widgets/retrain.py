@@ -89,8 +89,12 @@ class RetrainWidget(DockBase):
         self.patch_spin = QSpinBox()
         self.patch_spin.setRange(32, 1024)
         self.patch_spin.setSingleStep(32)
-        self.patch_spin.setValue(256)
+        self.patch_spin.setValue(128)
         self.patch_spin.setSuffix(" px")
+        self.patch_spin.setToolTip(
+            "Training patch side, in pixels at the model's network scale (particles about "
+            "32 px across for the bundled model)"
+        )
         self.device_combo = QComboBox()
         self.device_combo.addItems(DEVICES)
         self.train_button = QPushButton("Fine-tune")
