@@ -146,7 +146,7 @@ from napari_sagegan.engine.config import InferConfig, preset
 from napari_sagegan.engine.nets.attention_unet import AttentionUNet
 from napari_sagegan.engine.progress import run_to_end
 from napari_sagegan.engine.segment import Segmenter
-path, size = sys.argv[1], int(sys.argv[2])
+path, size, diameter = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]) or None
 img = np.memmap(path, dtype=np.uint8, mode="r", shape=(size, size))
 from napari_sagegan.engine.checkpoint import default_model_path
 torch.manual_seed(0)
@@ -155,13 +155,14 @@ if default_model_path().is_file():  # the bundled model: real particles, real po
 else:
     seg = Segmenter(AttentionUNet(preset("default")), device="cpu")
 t = time.perf_counter()
-res = run_to_end(seg.segment(img, InferConfig(tile_size=512, batch_size=4)))
+res = run_to_end(seg.segment(img, InferConfig(tile_size=512, batch_size=4, diameter=diameter)))
 dt = time.perf_counter() - t
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, dt, int(res.labels.max()))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, dt, int(res.labels.max()),
+      res.scale.factor)
 """
 
 
-def bench_memory(size: int) -> list:
+def bench_memory(size: int, diameter: float = 0.0) -> list:
     from napari_sagegan.engine.synthetic import make_sample
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -177,15 +178,17 @@ def bench_memory(size: int) -> list:
         mm.flush()
         del mm
         out = subprocess.run(
-            [sys.executable, "-c", _MEMORY_CHILD, str(path), str(size)],
+            [sys.executable, "-c", _MEMORY_CHILD, str(path), str(size), str(diameter)],
             capture_output=True,
             text=True,
             check=True,
         )
-    rss_mb, seconds, n = out.stdout.split()
+    rss_mb, seconds, n, factor = out.stdout.split()
+    size_text = f"{diameter:g} px given" if diameter else "estimated"
     return [
         [
             f"{size}x{size} uint8 memmap",
+            f"{size_text}, resampled x{float(factor):.2f}",
             "bundled default model"
             if default_model_path().is_file()
             else "default preset, random weights",
@@ -205,15 +208,22 @@ def main() -> None:
     ap.add_argument("--memory-size", type=int, default=8192)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument(
+        "--memory-diameter",
+        type=float,
+        default=0.0,
+        help="particle diameter (px) given for the memory run (0: estimated per image)",
+    )
+    ap.add_argument(
         "--memory-only",
         action="store_true",
         help="only the memory run; keeps the throughput table in the docs",
     )
     args = ap.parse_args()
     if args.memory_only:
-        mem = bench_memory(args.memory_size)
+        mem = bench_memory(args.memory_size, args.memory_diameter)
         mtable = markdown_table(
-            ["input", "model", "peak RSS (MB)", "seconds", "MP/s", "particles"], mem
+            ["input", "particle size", "model", "peak RSS (MB)", "seconds", "MP/s", "particles"],
+            mem,
         )
         print(mtable)
         write_section(
@@ -221,7 +231,8 @@ def main() -> None:
             (
                 "### Peak resident memory, whole segmentation (tiles + post-processing)\n\n"
                 f"Machine: {machine()}.\nCommand: `python benchmarks/bench_inference.py "
-                f"--memory-only --memory-size {args.memory_size}`\n\n" + mtable
+                f"--memory-only --memory-size {args.memory_size} --memory-diameter "
+                f"{args.memory_diameter:g}`\n\n" + mtable
             ),
         )
         return
@@ -241,9 +252,10 @@ def main() -> None:
         + table
     )
     if not args.no_memory:
-        mem = bench_memory(args.memory_size)
+        mem = bench_memory(args.memory_size, args.memory_diameter)
         mtable = markdown_table(
-            ["input", "preset", "peak RSS (MB)", "seconds", "MP/s", "particles"], mem
+            ["input", "particle size", "model", "peak RSS (MB)", "seconds", "MP/s", "particles"],
+            mem,
         )
         print(mtable)
         body += (
