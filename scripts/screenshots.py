@@ -188,7 +188,7 @@ def shoot(model: str, out: Path, threads: int | None, only: set[str] | None = No
     retrain.refresh_pairs()
     retrain.epochs_spin.setValue(5)
     retrain.steps_spin.setValue(4)
-    retrain.patch_spin.setValue(256)
+    retrain.patch_spin.setValue(128)
     wait(app, retrain.start_training())
     wait(app, retrain.resegment())
     # the canvas shows the corrected layer that was trained on; the re-segmentation is the

@@ -98,7 +98,7 @@ class SegmentWidget(DockBase):
         self.diameter_spin = QDoubleSpinBox()
         self.diameter_spin.setRange(0.0, 100000.0)
         self.diameter_spin.setDecimals(1)
-        self.diameter_spin.setSpecialValueText("auto (estimated per image)")
+        self.diameter_spin.setSpecialValueText("auto")
         self.diameter_spin.setToolTip(
             "Typical particle diameter, if you know it; 0 estimates it for each image. The "
             "image is resampled so its particles come out at the size the network works at"
