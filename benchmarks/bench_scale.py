@@ -173,6 +173,45 @@ def evaluate(args) -> None:
     write_doc(results, errors, info, args, out_dir)
 
 
+def evaluate_default(args) -> None:
+    """The bundled default model on the hold-out, per size bin and contrast."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    _, holdout = emps.load()
+    info = [
+        {"diameter": median_diameter(gt) or 0.0, "polarity": polarity(im, gt)}
+        for _s, im, gt in holdout
+    ]
+    seg = Segmenter.load("default", device="cpu")
+    rows, sizes = [], []
+    for _s, im, gt in holdout:
+        res = seg.segment_sync(im)
+        rows.append(evaluate_pair(res.labels, gt))
+        sizes.append(res.scale.diameter if res.scale else None)
+    r = summarise(rows, info)
+    groups = ["all"] + [b[2] for b in BINS] + ["dark", "bright"]
+    counts = {name: sum(lo <= h["diameter"] < hi for h in info) for lo, hi, name in BINS}
+    counts.update({p: sum(h["polarity"] == p for h in info) for p in ("dark", "bright")})
+    header = ["metric"] + [f"{g} (n={counts.get(g, len(info))})" for g in groups]
+    table = markdown_table(
+        header,
+        [[k] + [_cell(r[g], k) for g in groups] for k in ("dice", "f1@0.5", "f1@0.5:0.9")],
+    )
+    err = size_error(sizes, [max(h["diameter"], 1.0) for h in info])
+    text = (
+        "### The bundled default model, per size and contrast\n\n"
+        f"Machine: {machine()}. Command: `python benchmarks/bench_scale.py --evaluate-default` "
+        "(the model of docs/model-card.md, as `sagegan segment` runs it: size estimated per "
+        "image).\n\n"
+        + table
+        + f"\n\nIts size estimate: median error {err['median error %']:.0f} %, within 20 % on "
+        f"{err['within 20 %']:.2f} of the images, within 2x on {err['within 2x']:.2f}.\n"
+    )
+    print(text)
+    write_section("bench-scale-default", text)
+
+
 def _cell(m: dict | None, key: str) -> str:
     return "-" if m is None else f"{m[key]:.3f}"
 
@@ -240,6 +279,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", choices=sorted(ARMS), default=None)
     ap.add_argument("--evaluate", action="store_true")
+    ap.add_argument("--evaluate-default", action="store_true", help="the bundled model alone")
     ap.add_argument("--minutes", type=float, default=15.0)
     ap.add_argument("--synthetic", type=int, default=120)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -252,7 +292,9 @@ def main() -> None:
         train(args.train, args)
     if args.evaluate:
         evaluate(args)
-    if not (args.train or args.evaluate):
+    if args.evaluate_default:
+        evaluate_default(args)
+    if not (args.train or args.evaluate or args.evaluate_default):
         ap.error("give --train ARM and/or --evaluate")
 
 
