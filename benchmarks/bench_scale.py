@@ -184,9 +184,10 @@ def evaluate_default(args) -> None:
         for _s, im, gt in holdout
     ]
     seg = Segmenter.load("default", device="cpu")
+    config = seg.default_infer_config(refine_scale=True if args.refine else None)
     rows, sizes = [], []
     for _s, im, gt in holdout:
-        res = seg.segment_sync(im)
+        res = seg.segment_sync(im, config)
         rows.append(evaluate_pair(res.labels, gt))
         sizes.append(res.scale.diameter if res.scale else None)
     r = summarise(rows, info)
@@ -209,6 +210,8 @@ def evaluate_default(args) -> None:
         f"{err['within 20 %']:.2f} of the images, within 2x on {err['within 2x']:.2f}.\n"
     )
     print(text)
+    if args.refine:  # the variant is printed, the documented section stays the default
+        return
     write_section("bench-scale-default", text)
 
 
@@ -280,6 +283,11 @@ def main() -> None:
     ap.add_argument("--train", choices=sorted(ARMS), default=None)
     ap.add_argument("--evaluate", action="store_true")
     ap.add_argument("--evaluate-default", action="store_true", help="the bundled model alone")
+    ap.add_argument(
+        "--refine",
+        action="store_true",
+        help="with --evaluate-default: add the network-measured second size pass (printed only)",
+    )
     ap.add_argument("--minutes", type=float, default=15.0)
     ap.add_argument("--synthetic", type=int, default=120)
     ap.add_argument("--lr", type=float, default=1e-3)

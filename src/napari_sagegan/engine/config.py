@@ -191,7 +191,7 @@ class InferConfig(_Config):
     refine_scale : bool
         After a first pass at the estimated scale, re-measure the diameter on the network's
         own segmentation and run again when it differs by more than 30 %. Off by default:
-        on the EMPS hold-out it made the estimate worse with the models trained so far
+        on the EMPS hold-out it lowered F1 with the models trained so far
         (docs/benchmarks.md, "Particle scale and polarity per image").
 
     ``tile_size`` and ``min_size`` are in network pixels when the image is resampled.
