@@ -53,8 +53,9 @@ ARMS = {
 BINS = [(0, 12, "< 12 px"), (12, 40, "12-40 px"), (40, 120, "40-120 px"), (120, 1e9, "> 120 px")]
 
 
-def training_data(n_synthetic: int, seed: int):
-    train, _ = emps.load()
+def training_data(train, n_synthetic: int, seed: int):
+    """The EMPS training pairs ``(stem, image, labels)`` plus ``n_synthetic`` generated ones,
+    as (images, labels) lists: the data of both arms and of the bundled model."""
     images = [p[1] for p in train]
     labels = [p[2] for p in train]
     if n_synthetic:
@@ -70,7 +71,7 @@ def train(arm: str, args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    images, labels = training_data(args.synthetic, args.seed)
+    images, labels = training_data(emps.load()[0], args.synthetic, args.seed)
     out = Path(args.out_dir) / f"{arm}.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
     trainer = SegmenterTrainer(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_sagegan.engine import scale
 from napari_sagegan.engine.data import split_indices
 from napari_sagegan.io.images import find_pairs, read_image, read_labels
 
@@ -42,7 +43,5 @@ def load(limit: int | None = None):
 
 
 def median_diameter(labels: np.ndarray) -> float:
-    ids, counts = np.unique(labels[labels > 0], return_counts=True)
-    if len(ids) == 0:
-        return 0.0
-    return float(np.median(2 * np.sqrt(counts / np.pi)))
+    """Median equivalent diameter of the instances, pixels (0 without any)."""
+    return scale.median_diameter(labels) or 0.0

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import emps  # noqa: E402
 from bench_accuracy import evaluate_model, otsu_watershed  # noqa: E402
+from bench_scale import training_data  # noqa: E402
 from napari_sagegan.engine.checkpoint import build_segmenter, load_checkpoint, save_checkpoint  # noqa: E402
 from napari_sagegan.engine.config import InferConfig, TrainConfig, preset  # noqa: E402
 from napari_sagegan.engine.fileutil import atomic_write_text  # noqa: E402
@@ -60,14 +61,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     ckpt_path = work / "default.pt"
     train, holdout = emps.load()
-    images = [p[1] for p in train]
-    labels = [p[2] for p in train]
-    if args.synthetic:
-        from napari_sagegan.engine.synthetic import make_training_set
-
-        for image, lab in make_training_set(args.synthetic, shape=(256, 256), seed=args.seed):
-            images.append(image)
-            labels.append(lab)
+    images, labels = training_data(train, args.synthetic, args.seed)  # as bench_scale's arms
     infer = InferConfig()
     config = TrainConfig(
         max_minutes=args.minutes,

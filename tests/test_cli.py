@@ -257,3 +257,32 @@ def test_segment_writes_particle_csv(trained):
     assert len(rows) == int(labels.max())
     assert "equivalent_diameter_nm" in reader.fieldnames  # the pixel size was applied
     assert (out / "im1.summary.json").is_file()
+
+
+def test_segment_particle_size_flags(trained, capsys):
+    from napari_sagegan.engine.checkpoint import load_checkpoint
+    from napari_sagegan.io.em import tiff_pixel_size
+
+    root, images, _masks, model = trained
+    assert load_checkpoint(model)["train"]["target_diameter"] == 32.0  # `train`'s default
+    base = ["segment", str(images / "im1.png"), "--model", str(model), "--device", "cpu"]
+
+    capsys.readouterr()
+    assert main([*base, "--out", str(root / "d_px"), "--diameter", "20"]) == 0
+    assert "im1.png: particle diameter ~ 20 px (given); image resampled x1.6" in (
+        capsys.readouterr().err
+    )
+    out = root / "d_nm"
+    assert main([*base, "--out", str(out), "--diameter-nm", "10", "--pixel-size", "0.5"]) == 0
+    assert "particle diameter ~ 20 px = 10 nm (given)" in capsys.readouterr().err
+    meta = tiff_pixel_size(out / "im1.tif")  # the labels carry the pixel size, for Fiji
+    assert meta["pixel_size"] == pytest.approx(0.5) and meta["unit"] == "nm"
+    assert main([*base, "--out", str(root / "d_auto")]) == 0
+    assert "(estimated)" in capsys.readouterr().err
+
+    # nm without a pixel size, or the size given twice: one line, nothing written
+    assert main([*base, "--out", str(root / "bad1"), "--diameter-nm", "10"]) == 2
+    assert "--pixel-size" in capsys.readouterr().err
+    assert main([*base, "--out", str(root / "bad2"), "--diameter", "5", "--diameter-nm", "3"]) == 2
+    assert "once" in capsys.readouterr().err
+    assert not (root / "bad1").exists() and not (root / "bad2").exists()

@@ -19,9 +19,7 @@ from ._tasks import (
     META_KEY,
     ModelEntry,
     TrainingPair,
-    check_pair,
-    folder_pairs,
-    split_slices,
+    gather_pairs,
     torch_threads,
 )
 from .engine.progress import Progress
@@ -71,17 +69,11 @@ class Augment:
         with torch_threads(self.threads):
             yield Progress("prepare", 0, None, message="loading the segmenter and the pairs")
             seg = self.base.load()
-            pairs = list(self.pairs)
-            if self.folder is not None:
-                pairs += folder_pairs(*self.folder)
-            if not pairs:
-                raise ValueError(
-                    "no training pairs: tick (image, labels) layers or choose a folder of "
-                    "image/mask pairs"
-                )
-            for p in pairs:
-                check_pair(p)
-            images, labels = split_slices(pairs)
+            images, labels = gather_pairs(
+                self.pairs,
+                self.folder,
+                "tick (image, labels) layers or choose a folder of image/mask pairs",
+            )
             config = self.config
             smallest = min(min(im.shape) for im in images)
             if config.patch_size > smallest and smallest >= 32:

@@ -753,6 +753,23 @@ def suggest_patch_size(shapes: Sequence[tuple[int, ...]], wanted: int = 256) -> 
     return max(32, 16 * math.ceil(side / 16))
 
 
+def gather_pairs(
+    pairs: Sequence[TrainingPair],
+    folder: tuple[str, str | None] | None,
+    advice: str,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The viewer's pairs plus a folder's, checked, as 2-D (image, labels) lists (stacks are
+    split into slices). ``advice`` completes the error when there is no pair at all."""
+    pairs = list(pairs)
+    if folder is not None:
+        pairs += folder_pairs(*folder)
+    if not pairs:
+        raise ValueError(f"no training pairs: {advice}")
+    for p in pairs:
+        check_pair(p)
+    return split_slices(pairs)
+
+
 class FineTune:
     """Fine-tune a model on corrected pairs; meant to run in a worker thread.
 
@@ -805,17 +822,12 @@ class FineTune:
         with torch_threads(self.threads):
             yield Progress("prepare", 0, None, message="loading the model and the pairs")
             base = self.base.load()
-            pairs = list(self.pairs)
-            if self.folder is not None:
-                pairs += folder_pairs(*self.folder)
-            if not pairs:
-                raise ValueError(
-                    "no training pairs: correct a Labels layer made by Segment (paint, "
-                    "erase, fill), tick it in the list, or choose a folder of image/mask pairs"
-                )
-            for p in pairs:
-                check_pair(p)
-            images, labels = split_slices(pairs)
+            images, labels = gather_pairs(
+                self.pairs,
+                self.folder,
+                "correct a Labels layer made by Segment (paint, erase, fill), tick it in the "
+                "list, or choose a folder of image/mask pairs",
+            )
             config = self.config
             if config.patch_size > min(min(im.shape) for im in images):
                 config = config.replace(patch_size=suggest_patch_size([im.shape for im in images]))
