@@ -27,14 +27,14 @@ from skimage.filters import threshold_otsu
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import emps  # noqa: E402
 from _common import machine, markdown_table, write_section  # noqa: E402
+from napari_sagegan.engine.analysis.metrics import evaluate_pair, mean_metrics  # noqa: E402
 from napari_sagegan.engine.config import ArchConfig, InferConfig, TrainConfig, preset  # noqa: E402
-from napari_sagegan.engine.data import normalize  # noqa: E402
-from napari_sagegan.engine.metrics import evaluate_pair, mean_metrics  # noqa: E402
+from napari_sagegan.engine.data.pairs import normalize  # noqa: E402
+from napari_sagegan.engine.infer.postprocess import instances_from_maps, watershed_baseline  # noqa: E402
+from napari_sagegan.engine.infer.segment import Segmenter  # noqa: E402
 from napari_sagegan.engine.nets.attention_unet import count_parameters  # noqa: E402
-from napari_sagegan.engine.postprocess import instances_from_maps, watershed_baseline  # noqa: E402
-from napari_sagegan.engine.progress import run_to_end  # noqa: E402
-from napari_sagegan.engine.segment import Segmenter  # noqa: E402
-from napari_sagegan.engine.train_seg import SegmenterTrainer  # noqa: E402
+from napari_sagegan.engine.train.segmenter import SegmenterTrainer  # noqa: E402
+from napari_sagegan.util.progress import run_to_end  # noqa: E402
 
 EXTRA_PRESETS = {
     "tiny8": ArchConfig(base_channels=8, depth=4),

@@ -39,15 +39,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import emps  # noqa: E402
 from _common import ROOT, machine, markdown_table, write_section  # noqa: E402
+from napari_sagegan.engine.analysis.metrics import evaluate_pair, mean_metrics  # noqa: E402
 from napari_sagegan.engine.checkpoint import load_checkpoint  # noqa: E402
 from napari_sagegan.engine.config import TrainConfig, preset  # noqa: E402
-from napari_sagegan.engine.data import normalize, split_indices  # noqa: E402
-from napari_sagegan.engine.metrics import evaluate_pair, mean_metrics  # noqa: E402
-from napari_sagegan.engine.progress import run_to_end  # noqa: E402
-from napari_sagegan.engine.segment import Segmenter  # noqa: E402
-from napari_sagegan.engine.synth import make_masks, synthesize_pairs, to_uint8  # noqa: E402
-from napari_sagegan.engine.train_gan import GanConfig, GanTrainer, ssim_index  # noqa: E402
-from napari_sagegan.engine.train_seg import SegmenterTrainer  # noqa: E402
+from napari_sagegan.engine.data.pairs import normalize, split_indices  # noqa: E402
+from napari_sagegan.engine.infer.segment import Segmenter  # noqa: E402
+from napari_sagegan.engine.synthetic.layouts import make_masks, synthesize_pairs, to_uint8  # noqa: E402
+from napari_sagegan.engine.train.gan import GanConfig, GanTrainer, ssim_index  # noqa: E402
+from napari_sagegan.engine.train.segmenter import SegmenterTrainer  # noqa: E402
+from napari_sagegan.util.progress import run_to_end  # noqa: E402
 
 ARMS = {
     "a": "phase 1 only (no augmentation)",

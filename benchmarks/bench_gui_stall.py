@@ -58,10 +58,10 @@ def ensure_display() -> subprocess.Popen | None:
 
 def model_entry(choice: str, workdir: Path):
     """The model to run: a file, the bundled default, or an untrained default-size net."""
-    from napari_sagegan import _tasks
     from napari_sagegan.engine.checkpoint import default_model_path, save_checkpoint
     from napari_sagegan.engine.config import InferConfig, preset
     from napari_sagegan.engine.nets.attention_unet import AttentionUNet
+    from napari_sagegan.napari import tasks as _tasks
 
     if choice != "default":
         return _tasks.ModelEntry(Path(choice).name, choice), Path(choice).name
@@ -183,10 +183,10 @@ def run(size: int, model: str, threads_list: list[int], steps: int, trace: bool 
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from napari_sagegan._widgets import segment as segment_mod
-    from napari_sagegan._widgets.retrain import RetrainWidget
-    from napari_sagegan._widgets.segment import SegmentWidget
-    from napari_sagegan.engine.synthetic import make_sample
+    from napari_sagegan.engine.synthetic.render import make_sample
+    from napari_sagegan.napari._qt import segment as segment_mod
+    from napari_sagegan.napari._qt.retrain import RetrainWidget
+    from napari_sagegan.napari._qt.segment import SegmentWidget
 
     image, truth = make_sample("tem_dispersed", shape=(size, size), seed=0)
     workdir = Path(tempfile.mkdtemp(prefix="bench-gui-"))

@@ -37,16 +37,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, markdown_table, write_section  # noqa: E402
 from napari_sagegan.engine.checkpoint import default_model_path  # noqa: E402
 from napari_sagegan.engine.config import InferConfig, preset  # noqa: E402
-from napari_sagegan.engine.data import apply_range, robust_range  # noqa: E402
+from napari_sagegan.engine.data.pairs import apply_range, robust_range  # noqa: E402
+from napari_sagegan.engine.infer.segment import Segmenter  # noqa: E402
 from napari_sagegan.engine.nets.attention_unet import AttentionUNet, maps_from_logits  # noqa: E402
-from napari_sagegan.engine.progress import run_to_end  # noqa: E402
-from napari_sagegan.engine.segment import Segmenter  # noqa: E402
+from napari_sagegan.util.progress import run_to_end  # noqa: E402
 
 TILE, OVERLAP, BATCH = 512, 0.25, 4
 
 
 def _image(size: int) -> np.ndarray:
-    from napari_sagegan.engine.synthetic import make_sample
+    from napari_sagegan.engine.synthetic.render import make_sample
 
     img, _ = make_sample("tem_hex", shape=(size, size), seed=0)
     return img
@@ -144,8 +144,8 @@ import resource, sys, time
 import numpy as np, torch
 from napari_sagegan.engine.config import InferConfig, preset
 from napari_sagegan.engine.nets.attention_unet import AttentionUNet
-from napari_sagegan.engine.progress import run_to_end
-from napari_sagegan.engine.segment import Segmenter
+from napari_sagegan.util.progress import run_to_end
+from napari_sagegan.engine.infer.segment import Segmenter
 path, size, diameter = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]) or None
 img = np.memmap(path, dtype=np.uint8, mode="r", shape=(size, size))
 from napari_sagegan.engine.checkpoint import default_model_path
@@ -163,7 +163,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, dt, int(res.lab
 
 
 def bench_memory(size: int, diameter: float = 0.0) -> list:
-    from napari_sagegan.engine.synthetic import make_sample
+    from napari_sagegan.engine.synthetic.render import make_sample
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "big.u8"

@@ -40,11 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import emps  # noqa: E402
 from _common import machine, markdown_table, write_section  # noqa: E402
 from bench_accuracy import otsu_watershed  # noqa: E402
+from napari_sagegan.engine.analysis.metrics import evaluate_pair, mean_metrics  # noqa: E402
 from napari_sagegan.engine.config import InferConfig, TrainConfig, preset  # noqa: E402
-from napari_sagegan.engine.metrics import evaluate_pair, mean_metrics  # noqa: E402
-from napari_sagegan.engine.scale import estimate_diameter, median_diameter  # noqa: E402
-from napari_sagegan.engine.segment import Segmenter  # noqa: E402
-from napari_sagegan.engine.train_seg import SegmenterTrainer  # noqa: E402
+from napari_sagegan.engine.infer.scale import estimate_diameter, median_diameter  # noqa: E402
+from napari_sagegan.engine.infer.segment import Segmenter  # noqa: E402
+from napari_sagegan.engine.train.segmenter import SegmenterTrainer  # noqa: E402
 
 ARMS = {
     "baseline": dict(target_diameter=None, invert=False, patch_size=256, batch_size=4),
@@ -59,7 +59,7 @@ def training_data(train, n_synthetic: int, seed: int):
     images = [p[1] for p in train]
     labels = [p[2] for p in train]
     if n_synthetic:
-        from napari_sagegan.engine.synthetic import make_training_set
+        from napari_sagegan.engine.synthetic.render import make_training_set
 
         for image, lab in make_training_set(n_synthetic, shape=(256, 256), seed=seed):
             images.append(image)

@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, markdown_table, write_section  # noqa: E402
 from bench_accuracy import evaluate_model  # noqa: E402
 from napari_sagegan.engine.config import InferConfig, TrainConfig, preset  # noqa: E402
-from napari_sagegan.engine.segment import Segmenter  # noqa: E402
-from napari_sagegan.engine.synthetic import make_sample  # noqa: E402
-from napari_sagegan.engine.train_seg import SegmenterTrainer  # noqa: E402
+from napari_sagegan.engine.infer.segment import Segmenter  # noqa: E402
+from napari_sagegan.engine.synthetic.render import make_sample  # noqa: E402
+from napari_sagegan.engine.train.segmenter import SegmenterTrainer  # noqa: E402
 
 KINDS = ("tem_hex", "sem_agglomerate")
 

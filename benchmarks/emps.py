@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_sagegan.engine import scale
-from napari_sagegan.engine.data import split_indices
+from napari_sagegan.engine.data.pairs import split_indices
+from napari_sagegan.engine.infer import scale
 from napari_sagegan.io.images import find_pairs, read_image, read_labels
 
 EMPS = Path(

@@ -68,7 +68,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from napari_sagegan.engine.synthetic import SAMPLE_KINDS
+    from napari_sagegan.engine.synthetic.render import SAMPLE_KINDS
 
     p = _Parser(
         prog="demo.py",
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from napari_sagegan.engine.synthetic import SAMPLE_KINDS
+    from napari_sagegan.engine.synthetic.render import SAMPLE_KINDS
 
     args = build_parser().parse_args(argv)
     if not 64 <= args.size <= 4096:
@@ -153,7 +153,7 @@ def write_samples(kinds: list[str], size: int, seed: int, images: Path, truth: P
     """Write each sample as an ImageJ TIFF calibrated in nm, and its exact labels."""
     import tifffile
 
-    from napari_sagegan.engine.synthetic import make_sample
+    from napari_sagegan.engine.synthetic.render import make_sample
     from napari_sagegan.io.images import write_labels_tif
 
     images.mkdir()
@@ -176,7 +176,7 @@ def train(model: str, minutes: float, out: Path, seed: int) -> str:
     import tifffile
 
     from napari_sagegan.cli import main as sagegan
-    from napari_sagegan.engine.synthetic import make_training_set
+    from napari_sagegan.engine.synthetic.render import make_training_set
     from napari_sagegan.io.images import write_labels_tif
 
     tr_img, tr_lab = out / "train" / "images", out / "train" / "masks"
@@ -256,7 +256,7 @@ def collect(kind: str, out: Path) -> dict:
     the same measurements of the exact labels."""
     import pandas as pd
 
-    from napari_sagegan.engine.measure import measure
+    from napari_sagegan.engine.analysis.measure import measure
     from napari_sagegan.io.images import read_image, read_labels
 
     labels_dir = out / "labels"

@@ -26,12 +26,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import emps  # noqa: E402
 from bench_accuracy import evaluate_model, otsu_watershed  # noqa: E402
 from bench_scale import training_data  # noqa: E402
+from napari_sagegan.engine.analysis.metrics import evaluate_pair, mean_metrics  # noqa: E402
 from napari_sagegan.engine.checkpoint import build_segmenter, load_checkpoint, save_checkpoint  # noqa: E402
 from napari_sagegan.engine.config import InferConfig, TrainConfig, preset  # noqa: E402
-from napari_sagegan.engine.fileutil import atomic_write_text  # noqa: E402
-from napari_sagegan.engine.metrics import evaluate_pair, mean_metrics  # noqa: E402
-from napari_sagegan.engine.segment import Segmenter  # noqa: E402
-from napari_sagegan.engine.train_seg import SegmenterTrainer  # noqa: E402
+from napari_sagegan.engine.infer.segment import Segmenter  # noqa: E402
+from napari_sagegan.engine.train.segmenter import SegmenterTrainer  # noqa: E402
+from napari_sagegan.util.files import atomic_write_text  # noqa: E402
 
 PACKAGED = ROOT / "src" / "napari_sagegan" / "models" / "default.pt"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_sagegan.engine.augment import AUGMENTATIONS, GEOMETRIC, augment_sample
+from napari_sagegan.engine.data.augment import AUGMENTATIONS, GEOMETRIC, augment_sample
 
 
 def _sample(shape=(64, 64), seed=0):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_sagegan.engine.data import (
+from napari_sagegan.engine.data.pairs import (
     PatchSampler,
     apply_range,
     instance_targets,

@@ -98,7 +98,7 @@ def test_particle_table_in_pixels_and_physical_units():
 def test_npe2_writer_takes_scale_and_units_from_the_layer(tmp_path):
     from napari.layers import Labels
 
-    from napari_sagegan._writer import write_labels
+    from napari_sagegan.napari.writer import write_labels
 
     layer = Labels(labels_2d(), scale=(0.5, 0.5), units="nm", name="x labels")
     data, meta, _ = layer.as_layer_data_tuple()
@@ -112,7 +112,7 @@ def test_npe2_writer_takes_scale_and_units_from_the_layer(tmp_path):
 def test_export_all_labels_asks_before_overwriting(make_napari_viewer, qtbot, tmp_path):
     from napari.utils.notifications import notification_manager
 
-    from napari_sagegan._widgets.export import ExportWidget
+    from napari_sagegan.napari._qt.export import ExportWidget
 
     viewer = make_napari_viewer()
     widget = ExportWidget(viewer)

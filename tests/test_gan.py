@@ -11,18 +11,18 @@ import torch
 from conftest import disc_image
 from napari_sagegan.engine.checkpoint import CheckpointError, load_checkpoint
 from napari_sagegan.engine.config import preset
-from napari_sagegan.engine.diffaug import diff_augment
 from napari_sagegan.engine.nets.attention_unet import AttentionUNet
 from napari_sagegan.engine.nets.discriminator import DiscriminatorConfig, PatchDiscriminator
 from napari_sagegan.engine.nets.generator import GeneratorConfig, StyleUNetGenerator
-from napari_sagegan.engine.progress import run_to_end
-from napari_sagegan.engine.train_gan import (
+from napari_sagegan.engine.train.diffaug import diff_augment
+from napari_sagegan.engine.train.gan import (
     GanConfig,
     GanTrainer,
     load_generator,
     ms_ssim_loss,
     ssim_index,
 )
+from napari_sagegan.util.progress import run_to_end
 
 
 @pytest.fixture(autouse=True)

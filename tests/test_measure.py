@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from skimage.draw import disk, ellipse
 
-from napari_sagegan.engine.measure import (
+from napari_sagegan.engine.analysis.measure import (
     _hull_measures,
     measure,
     order_metrics,

@@ -11,12 +11,12 @@ import pytest
 import tifffile
 from skimage.draw import disk
 
-from napari_sagegan._measure_cli import (
+from napari_sagegan.cli.measure import (
     add_measure_parser,
     summary_path,
     write_particle_csv,
 )
-from napari_sagegan.engine.measure import measure
+from napari_sagegan.engine.analysis.measure import measure
 from napari_sagegan.io.images import write_labels_tif
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_sagegan.engine.metrics import (
+from napari_sagegan.engine.analysis.metrics import (
     dice,
     evaluate_pair,
     iou_matrix,

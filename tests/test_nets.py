@@ -2,12 +2,12 @@ import pytest
 import torch
 
 from napari_sagegan.engine.config import ArchConfig, InferConfig, TrainConfig, preset
-from napari_sagegan.engine.losses import focal_loss, segmentation_loss, tversky_loss
 from napari_sagegan.engine.nets.attention_unet import (
     AttentionUNet,
     count_parameters,
     maps_from_logits,
 )
+from napari_sagegan.engine.train.losses import focal_loss, segmentation_loss, tversky_loss
 
 
 def test_paper_preset_has_the_authors_parameter_count():

@@ -7,8 +7,8 @@ import pytest
 from scipy import ndimage as ndi
 from skimage.draw import disk
 
-from napari_sagegan.engine import postprocess as pp
-from napari_sagegan.engine.postprocess import (
+from napari_sagegan.engine.infer import postprocess as pp
+from napari_sagegan.engine.infer.postprocess import (
     instances_from_maps,
     relabel_sequential_dtype,
     watershed_baseline,

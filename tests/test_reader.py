@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_sagegan._reader import get_reader, read_micrographs
+from napari_sagegan.napari.reader import get_reader, read_micrographs
 
 pytest.importorskip("mrcfile")
 pytest.importorskip("rsciio")

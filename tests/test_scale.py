@@ -5,19 +5,19 @@ import pytest
 import torch
 
 from conftest import disc_image
+from napari_sagegan.engine.analysis.metrics import evaluate_pair
 from napari_sagegan.engine.config import ArchConfig, InferConfig, TrainConfig
-from napari_sagegan.engine.data import PatchSampler
-from napari_sagegan.engine.metrics import evaluate_pair
-from napari_sagegan.engine.scale import (
+from napari_sagegan.engine.data.pairs import PatchSampler
+from napari_sagegan.engine.infer.scale import (
     MAX_FACTOR,
     estimate_diameter,
     median_diameter,
     rescale_pair,
     scale_factor,
 )
-from napari_sagegan.engine.segment import Segmenter
-from napari_sagegan.engine.synthetic import make_sample
-from napari_sagegan.engine.train_seg import SegmenterTrainer
+from napari_sagegan.engine.infer.segment import Segmenter
+from napari_sagegan.engine.synthetic.render import make_sample
+from napari_sagegan.engine.train.segmenter import SegmenterTrainer
 
 TARGET = 12.0
 

@@ -6,9 +6,9 @@ import torch
 
 from conftest import disc_image
 from napari_sagegan.engine.config import ArchConfig, InferConfig
+from napari_sagegan.engine.infer.segment import Segmenter
 from napari_sagegan.engine.nets.attention_unet import AttentionUNet
-from napari_sagegan.engine.progress import run_to_end
-from napari_sagegan.engine.segment import Segmenter
+from napari_sagegan.util.progress import run_to_end
 
 ARCH = ArchConfig(base_channels=4, depth=2)
 

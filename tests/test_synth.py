@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from napari_sagegan.engine.nets.generator import GeneratorConfig, StyleUNetGenerator
-from napari_sagegan.engine.progress import run_to_end
-from napari_sagegan.engine.synth import (
+from napari_sagegan.engine.synthetic.layouts import (
     fit_stats,
     lattice_mask,
     make_masks,
@@ -18,6 +17,7 @@ from napari_sagegan.engine.synth import (
     to_uint8,
     transform_mask,
 )
+from napari_sagegan.util.progress import run_to_end
 
 
 @pytest.fixture(autouse=True)

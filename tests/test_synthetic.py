@@ -9,7 +9,7 @@ from scipy.spatial import cKDTree
 from skimage.measure import label as connected_components
 from skimage.measure import regionprops
 
-from napari_sagegan.engine import synthetic as syn
+from napari_sagegan.engine.synthetic import render as syn
 
 
 def _touching_ids(labels: np.ndarray) -> set[int]:

@@ -1,4 +1,4 @@
-"""The Qt-free glue between layers and the engine (napari_sagegan._tasks).
+"""The Qt-free glue between layers and the engine (napari_sagegan.napari.tasks).
 
 Also home of the tiny trained model shared by the GUI tests (``tiny_model`` fixture): a real
 segmenter trained for a few seconds on synthetic discs, saved with SegmenterTrainer.save.
@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from conftest import disc_image
-from napari_sagegan import _tasks
+from napari_sagegan.engine.analysis.metrics import evaluate_pair
 from napari_sagegan.engine.config import ArchConfig, InferConfig, TrainConfig
-from napari_sagegan.engine.metrics import evaluate_pair
-from napari_sagegan.engine.tiling import n_tiles
+from napari_sagegan.engine.infer.tiling import n_tiles
+from napari_sagegan.napari import tasks as _tasks
 
 # --------------------------------------------------------------------------- shared model
 
@@ -48,7 +48,7 @@ def toy_pairs(n: int, seed: int = 0):
 def trained_checkpoint(folder: Path) -> Path:
     """Train the tiny disc segmenter once per session (about 6 s on one thread)."""
     if "path" not in _CACHE:
-        from napari_sagegan.engine.train_seg import SegmenterTrainer
+        from napari_sagegan.engine.train.segmenter import SegmenterTrainer
 
         torch.set_num_threads(1)
         images, labels = toy_pairs(8)

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_sagegan.engine.progress import run_to_end
-from napari_sagegan.engine.tiling import (
+from napari_sagegan.engine.infer.tiling import (
     blend_window,
     n_tiles,
     predict_tiled,
@@ -17,6 +16,7 @@ from napari_sagegan.engine.tiling import (
     tile_grid,
     tile_sides,
 )
+from napari_sagegan.util.progress import run_to_end
 
 
 def _conv_model(kernel: int, seed: int = 0) -> torch.nn.Module:
@@ -226,7 +226,7 @@ def test_uint16_and_uint8_versions_give_the_same_output():
 
 
 def test_robust_range_default_is_scale_invariant():
-    pytest.importorskip("napari_sagegan.engine.data")
+    pytest.importorskip("napari_sagegan.engine.data.pairs")
     model = _conv_model(3)
     img8 = _image((80, 80), seed=5)
     img16 = img8.astype(np.uint16) * 257

@@ -7,9 +7,9 @@ import torch
 from conftest import disc_image
 from napari_sagegan.engine.checkpoint import load_checkpoint, save_checkpoint
 from napari_sagegan.engine.config import ArchConfig, InferConfig, TrainConfig
+from napari_sagegan.engine.infer.segment import Segmenter
 from napari_sagegan.engine.nets.attention_unet import AttentionUNet
-from napari_sagegan.engine.segment import Segmenter
-from napari_sagegan.engine.train_seg import SegmenterTrainer
+from napari_sagegan.engine.train.segmenter import SegmenterTrainer
 
 ARCH = ArchConfig(base_channels=8, depth=2, dropout=0.1)
 

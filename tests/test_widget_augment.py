@@ -23,7 +23,7 @@ def tiny_seg(tmp_path):
 
 
 def make_augment(viewer, model_path):
-    from napari_sagegan._widgets.augment import AugmentWidget
+    from napari_sagegan.napari._qt.augment import AugmentWidget
 
     widget = AugmentWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Augment (SAGE-GAN)")
@@ -46,7 +46,7 @@ def _wait(qtbot, widget, worker):
 
 
 def test_augment_trains_generates_and_feeds_retrain(make_napari_viewer, qtbot, tiny_seg):
-    from napari_sagegan._widgets.retrain import RetrainWidget
+    from napari_sagegan.napari._qt.retrain import RetrainWidget
 
     viewer = make_napari_viewer()
     for i in range(3):
@@ -91,7 +91,7 @@ def test_augment_trains_generates_and_feeds_retrain(make_napari_viewer, qtbot, t
 
 
 def test_no_pairs_is_a_clear_warning(make_napari_viewer, tiny_seg, monkeypatch):
-    from napari_sagegan._widgets import augment
+    from napari_sagegan.napari._qt import augment
 
     messages = []
     monkeypatch.setattr(augment, "notify_warning", messages.append)

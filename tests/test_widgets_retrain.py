@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from napari_sagegan.engine.analysis.metrics import evaluate_pair
 from napari_sagegan.engine.checkpoint import load_segmenter
-from napari_sagegan.engine.metrics import evaluate_pair
 from test_tasks import disc_scene, trained_checkpoint
 from test_widgets_segment import TIMEOUT, make_widget, notifications, run_and_wait
 
@@ -25,7 +25,7 @@ def messages():
 
 
 def make_retrain(viewer, **spins):
-    from napari_sagegan._widgets.retrain import RetrainWidget
+    from napari_sagegan.napari._qt.retrain import RetrainWidget
 
     widget = RetrainWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Correct and retrain")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_sagegan import _tasks
-from napari_sagegan.engine.metrics import evaluate_pair
+from napari_sagegan.engine.analysis.metrics import evaluate_pair
+from napari_sagegan.napari import tasks as _tasks
 from test_tasks import disc_scene, trained_checkpoint
 
 pytestmark = pytest.mark.gui
@@ -37,7 +37,7 @@ def messages():
 
 
 def make_widget(viewer, model=None):
-    from napari_sagegan._widgets.segment import SegmentWidget
+    from napari_sagegan.napari._qt.segment import SegmentWidget
 
     widget = SegmentWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Segment")
@@ -179,9 +179,9 @@ def test_closing_the_viewer_stops_the_worker(make_napari_viewer, qtbot, tiny_mod
 
 
 def test_widgets_and_samples_open_from_the_plugin_menus(make_napari_viewer):
-    from napari_sagegan._widgets.export import ExportWidget
-    from napari_sagegan._widgets.retrain import RetrainWidget
-    from napari_sagegan._widgets.segment import SegmentWidget
+    from napari_sagegan.napari._qt.export import ExportWidget
+    from napari_sagegan.napari._qt.retrain import RetrainWidget
+    from napari_sagegan.napari._qt.segment import SegmentWidget
 
     viewer = make_napari_viewer()
     viewer.open_sample("napari-sagegan", "sem_agglomerate")

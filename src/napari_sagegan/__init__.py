@@ -5,7 +5,7 @@ Importing the package loads neither torch nor Qt; the engine lives in
 """
 
 try:
-    from ._version import version as __version__
+    from napari_sagegan._version import version as __version__
 except ImportError:  # pragma: no cover - running from a source tree without setuptools-scm
     __version__ = "0.0.0+unknown"
 

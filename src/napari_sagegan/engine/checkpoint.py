@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from .config import ArchConfig
-from .fileutil import atomic_path
-from .nets.attention_unet import AttentionUNet
+from napari_sagegan.engine.config import ArchConfig
+from napari_sagegan.engine.nets.attention_unet import AttentionUNet
+from napari_sagegan.util.files import atomic_path
 
 FORMAT = "napari-sagegan"
 FORMAT_VERSION = 1
@@ -37,7 +37,7 @@ class CheckpointError(ValueError):
 
 
 def _versions() -> dict[str, str]:
-    from .. import __version__
+    from napari_sagegan import __version__
 
     return {"napari_sagegan": str(__version__), "torch": torch.__version__.split("+")[0]}
 

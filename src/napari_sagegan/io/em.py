@@ -384,7 +384,7 @@ def read_em(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
         return _read_mrc(p)
     if suffix in _SOURCE_OF_SUFFIX:
         return _read_rsciio(p, _SOURCE_OF_SUFFIX[suffix])
-    from .images import read_image
+    from napari_sagegan.io.images import read_image
 
     data = read_image(p)
     if suffix in TIFF_SUFFIXES:

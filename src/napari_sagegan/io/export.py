@@ -164,7 +164,7 @@ def write_labels_tiff(
     """
     import tifffile
 
-    from ..engine.fileutil import atomic_path
+    from napari_sagegan.util.files import atomic_path
 
     labels = _as_label_array(labels)
     size = _pixel_size(scale, labels.ndim)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .augment import augment_sample
+from napari_sagegan.engine.data.augment import augment_sample
 
 if TYPE_CHECKING:
     import torch
@@ -323,9 +323,9 @@ class PatchSampler:
         Probability that a patch is centred on a particle pixel.
     augment_ops : sequence of str, optional
         Which augmentations to draw from (default: all of
-        :data:`~napari_sagegan.engine.augment.AUGMENTATIONS`).
+        :data:`~napari_sagegan.engine.data.augment.AUGMENTATIONS`).
     augment_p : float
-        Probability of each augmentation (:func:`~napari_sagegan.engine.augment.augment_sample`);
+        Probability of each augmentation (:func:`~napari_sagegan.engine.data.augment.augment_sample`);
         0 disables augmentation.
     min_area : int
         Particles smaller than this (pixels) are removed from the targets.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .io.export import short_unit, write_labels_tiff
+from napari_sagegan.io.export import short_unit, write_labels_tiff
 
 _SUFFIXES = (".tif", ".tiff")
 

@@ -51,17 +51,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .augment import GEOMETRIC
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import ArchConfig, TrainConfig, _Config
-from .data import PatchSampler, instance_targets, normalize
-from .diffaug import diff_augment
-from .losses import segmentation_loss
-from .nets.attention_unet import AttentionUNet
-from .nets.discriminator import DiscriminatorConfig, PatchDiscriminator
-from .nets.generator import GeneratorConfig, StyleUNetGenerator
-from .progress import Progress
-from .train_seg import SegmenterTrainer
+from napari_sagegan.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from napari_sagegan.engine.config import ArchConfig, TrainConfig, _Config
+from napari_sagegan.engine.data.augment import GEOMETRIC
+from napari_sagegan.engine.data.pairs import PatchSampler, instance_targets, normalize
+from napari_sagegan.engine.nets.attention_unet import AttentionUNet
+from napari_sagegan.engine.nets.discriminator import DiscriminatorConfig, PatchDiscriminator
+from napari_sagegan.engine.nets.generator import GeneratorConfig, StyleUNetGenerator
+from napari_sagegan.engine.train.diffaug import diff_augment
+from napari_sagegan.engine.train.losses import segmentation_loss
+from napari_sagegan.engine.train.segmenter import SegmenterTrainer
+from napari_sagegan.util.progress import Progress
 
 GAN_KIND = "sagegan-gan"
 GENERATOR_KIND = "generator"
@@ -394,7 +394,7 @@ class GanTrainer:
         self._rng = np.random.default_rng(cfg.seed)
         self.seg_cfg = self.seg.config
 
-        from .synth import fit_stats
+        from napari_sagegan.engine.synthetic.layouts import fit_stats
 
         self.mask_stats = fit_stats(self.seg.train_labels)
         self._val_pairs = self._generator_val_pairs()

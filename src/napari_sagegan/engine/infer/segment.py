@@ -1,7 +1,7 @@
 """Segment images with a trained segmenter: tiled inference + instance post-processing.
 
 The public entry is :class:`Segmenter`; its :meth:`Segmenter.segment` is a generator of
-:class:`~napari_sagegan.engine.progress.Progress` events that returns a
+:class:`~napari_sagegan.util.progress.Progress` events that returns a
 :class:`SegmentResult`. 2-D images ``(Y, X)`` and 3-D stacks ``(Z, Y, X)`` (segmented slice
 by slice) are accepted as NumPy arrays, memmaps or dask arrays; only the tiles being
 processed are read at a time.
@@ -19,14 +19,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import load_segmenter
-from .config import InferConfig
-from .device import describe_device, resolve_device
-from .nets.attention_unet import AttentionUNet, fuse_batchnorm, maps_from_logits
-from .postprocess import instances_from_maps
-from .progress import Progress, run_to_end
-from .scale import ScaleInfo, estimate_diameter, median_diameter, scale_factor
-from .tiling import n_tiles, predict_tiled
+from napari_sagegan.engine.checkpoint import load_segmenter
+from napari_sagegan.engine.config import InferConfig
+from napari_sagegan.engine.device import describe_device, resolve_device
+from napari_sagegan.engine.infer.postprocess import instances_from_maps
+from napari_sagegan.engine.infer.scale import (
+    ScaleInfo,
+    estimate_diameter,
+    median_diameter,
+    scale_factor,
+)
+from napari_sagegan.engine.infer.tiling import n_tiles, predict_tiled
+from napari_sagegan.engine.nets.attention_unet import (
+    AttentionUNet,
+    fuse_batchnorm,
+    maps_from_logits,
+)
+from napari_sagegan.util.progress import Progress, run_to_end
 
 #: Above this many pixels per slice the probability maps are kept as float16.
 _HALF_MAPS_PIXELS = 16_000_000

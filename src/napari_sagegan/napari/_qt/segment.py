@@ -19,8 +19,14 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .. import _tasks
-from ._common import DockBase, ProgressPanel, notify_error, notify_info, notify_warning
+from napari_sagegan.napari import tasks as _tasks
+from napari_sagegan.napari._qt.common import (
+    DockBase,
+    ProgressPanel,
+    notify_error,
+    notify_info,
+    notify_warning,
+)
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 

@@ -25,8 +25,13 @@ from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 from skimage.segmentation import relabel_sequential
 
-from .progress import Progress
-from .synthetic import LATTICE_SPACING, _ellipses, _lattice_layout, _rasterize
+from napari_sagegan.engine.synthetic.render import (
+    LATTICE_SPACING,
+    _ellipses,
+    _lattice_layout,
+    _rasterize,
+)
+from napari_sagegan.util.progress import Progress
 
 LAYOUTS = ("real", "paste", "lattice", "hex", "square")
 
@@ -336,8 +341,8 @@ def synthesize_pairs(
     """
     import torch
 
-    from .device import resolve_device
-    from .nets.generator import pad_to_multiple
+    from napari_sagegan.engine.device import resolve_device
+    from napari_sagegan.engine.nets.generator import pad_to_multiple
 
     dev = resolve_device(device)
     generator = generator.to(dev).eval()

@@ -41,9 +41,9 @@ def _check_out(out: str) -> Path:
 
 
 def _write_pairs(folder: Path, pairs, prefix: str = "synth") -> None:
-    from .engine.fileutil import atomic_path
-    from .engine.synth import to_uint8
-    from .io.images import write_labels_tif
+    from napari_sagegan.engine.synthetic.layouts import to_uint8
+    from napari_sagegan.io.images import write_labels_tif
+    from napari_sagegan.util.files import atomic_path
 
     (folder / "images").mkdir(exist_ok=True)
     (folder / "masks").mkdir(exist_ok=True)
@@ -63,8 +63,8 @@ def _publish(staging: Path, out_dir: Path) -> None:
 
 
 def _generate(gen, masks, seed: int, device: str):
-    from .cli import _drive, _progress_bar
-    from .engine.synth import synthesize_pairs
+    from napari_sagegan.cli import _drive, _progress_bar
+    from napari_sagegan.engine.synthetic.layouts import synthesize_pairs
 
     return _drive(
         synthesize_pairs(gen, masks, seed=seed, device=device), _progress_bar(None, "generate")
@@ -72,7 +72,7 @@ def _generate(gen, masks, seed: int, device: str):
 
 
 def cmd_augment(args: argparse.Namespace) -> int:
-    from .cli import _drive, _load_pairs, _progress_bar
+    from napari_sagegan.cli import _drive, _load_pairs, _progress_bar
 
     if args.n < 0:
         raise ValueError(f"--n must be 0 or more, got {args.n}")
@@ -80,9 +80,9 @@ def cmd_augment(args: argparse.Namespace) -> int:
     images, labels = _load_pairs(args.images, args.masks)
     if not images:
         raise ValueError(f"no image/mask pairs found in {args.images} and {args.masks}")
-    from .engine.checkpoint import load_checkpoint
-    from .engine.synth import make_masks
-    from .engine.train_gan import GanConfig, GanTrainer
+    from napari_sagegan.engine.checkpoint import load_checkpoint
+    from napari_sagegan.engine.synthetic.layouts import make_masks
+    from napari_sagegan.engine.train.gan import GanConfig, GanTrainer
 
     seg = load_checkpoint(args.seg, kind="segmenter")  # "default": the bundled model
     config = GanConfig.short(
@@ -135,8 +135,8 @@ def cmd_augment(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .engine.synth import LAYOUTS, make_masks
-    from .engine.train_gan import load_generator
+    from napari_sagegan.engine.synthetic.layouts import LAYOUTS, make_masks
+    from napari_sagegan.engine.train.gan import load_generator
 
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
@@ -144,7 +144,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     gen, ckpt = load_generator(args.generator)
     source = None
     if args.masks:
-        from .io.images import list_images, read_labels
+        from napari_sagegan.io.images import list_images, read_labels
 
         source = [read_labels(p) for p in list_images(args.masks)]
         if not source:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .io.em import EM_SUFFIXES, TIFF_SUFFIXES
+from napari_sagegan.io.em import EM_SUFFIXES, TIFF_SUFFIXES
 
 #: File names (stems) read as label layers when they hold integers.
 _LABEL_STEM_ENDINGS = ("_labels", "_label", "_masks", "_mask")
@@ -38,7 +38,7 @@ def _claims(path: str | os.PathLike) -> bool:
         return True
     if suffix not in TIFF_SUFFIXES or not Path(path).is_file():
         return False
-    from .io.em import tiff_pixel_size
+    from napari_sagegan.io.em import tiff_pixel_size
 
     try:
         return tiff_pixel_size(path)["pixel_size"] is not None
@@ -71,7 +71,7 @@ def get_reader(
 def _layer(path: Path) -> LayerDataTuple:
     import numpy as np
 
-    from .io.em import read_em
+    from napari_sagegan.io.em import read_em
 
     data, meta = read_em(path)
     px = meta["pixel_size"]

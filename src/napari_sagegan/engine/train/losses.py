@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig
+from napari_sagegan.engine.config import TrainConfig
 
 _EPS = 1.0
 

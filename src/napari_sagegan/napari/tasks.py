@@ -1,6 +1,6 @@
 """Qt-free glue between napari layers and the engine.
 
-The dock widgets (:mod:`napari_sagegan._widgets`) gather values and run the generators
+The dock widgets (:mod:`napari_sagegan.napari._qt`) gather values and run the generators
 defined here in a worker thread; this module turns layer data into engine calls and engine
 results into layer-data tuples and particle tables. It never imports Qt or napari: layers are
 read through their plain attributes (``data``, ``scale``, ``translate``, ``units``, ``rgb``,
@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from .engine.progress import EtaClock, Progress
-from .io.export import particle_table, short_unit
+from napari_sagegan.io.export import particle_table, short_unit
+from napari_sagegan.util.progress import EtaClock, Progress
 
 #: Key of this plugin's entry in a layer's ``metadata``.
 META_KEY = "napari_sagegan"
@@ -80,7 +80,7 @@ def _source_tiff_pixel_size(layer: Any) -> float | None:
     path = getattr(getattr(layer, "source", None), "path", None)
     if not path or not str(path).lower().endswith((".tif", ".tiff")):
         return None
-    from .io.em import tiff_pixel_size
+    from napari_sagegan.io.em import tiff_pixel_size
 
     try:
         value = tiff_pixel_size(path)["pixel_size"]
@@ -243,15 +243,15 @@ class ModelEntry:
         """
         with self._lock:
             if self.ckpt is None:
-                from .engine.checkpoint import load_checkpoint
+                from napari_sagegan.engine.checkpoint import load_checkpoint
 
                 self.ckpt = load_checkpoint(self.source, kind="segmenter")
             return self.ckpt
 
     def segmenter(self, device: str = "auto"):
-        """A :class:`~napari_sagegan.engine.segment.Segmenter` on ``device`` (cached)."""
-        from .engine.checkpoint import build_segmenter
-        from .engine.segment import Segmenter
+        """A :class:`~napari_sagegan.engine.infer.segment.Segmenter` on ``device`` (cached)."""
+        from napari_sagegan.engine.checkpoint import build_segmenter
+        from napari_sagegan.engine.infer.segment import Segmenter
 
         ckpt = self.load()
         with self._lock:
@@ -270,7 +270,7 @@ class ModelEntry:
         """Raise ``FileNotFoundError`` when the model file is missing (cheap, main thread)."""
         if self.ckpt is not None or self.source == "memory":
             return
-        from .engine.checkpoint import resolve_model_path
+        from napari_sagegan.engine.checkpoint import resolve_model_path
 
         try:
             resolve_model_path(self.source)
@@ -285,8 +285,8 @@ class ModelEntry:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write this model as a napari-sagegan checkpoint file (atomically)."""
-        from .engine.checkpoint import build_segmenter, save_checkpoint
-        from .engine.config import ArchConfig
+        from napari_sagegan.engine.checkpoint import build_segmenter, save_checkpoint
+        from napari_sagegan.engine.config import ArchConfig
 
         ckpt = self.load()
         path = Path(path).expanduser()
@@ -355,7 +355,7 @@ class ModelStore:
 
     def add_file(self, path: str | os.PathLike) -> ModelEntry:
         """Load a checkpoint file (validated now) and make it current."""
-        from .engine.checkpoint import load_checkpoint
+        from napari_sagegan.engine.checkpoint import load_checkpoint
 
         path = Path(path).expanduser()
         for entry in self.entries:
@@ -454,20 +454,20 @@ def warm_up(training: bool = False) -> None:
         "skimage.segmentation",
         "skimage.morphology",
         "torch.nn.utils.fusion",
-        "napari_sagegan.engine.segment",
-        "napari_sagegan.engine.postprocess",
-        "napari_sagegan.engine.tiling",
-        "napari_sagegan.engine.data",
+        "napari_sagegan.engine.infer.segment",
+        "napari_sagegan.engine.infer.postprocess",
+        "napari_sagegan.engine.infer.tiling",
+        "napari_sagegan.engine.data.pairs",
     ):
         importlib.import_module(name)
     if training:
         for name in (
             "skimage.exposure",
             "skimage.filters",
-            "napari_sagegan.engine.augment",
-            "napari_sagegan.engine.losses",
-            "napari_sagegan.engine.metrics",
-            "napari_sagegan.engine.train_seg",
+            "napari_sagegan.engine.data.augment",
+            "napari_sagegan.engine.train.losses",
+            "napari_sagegan.engine.analysis.metrics",
+            "napari_sagegan.engine.train.segmenter",
         ):
             importlib.import_module(name)
         import torch
@@ -723,7 +723,7 @@ def check_pair(pair: TrainingPair) -> None:
 
 def folder_pairs(images_dir: str | os.PathLike, masks_dir: str | os.PathLike | None = None):
     """Read the (image, mask) pairs of a folder (masks beside the images by default)."""
-    from .io.images import find_pairs, read_image, read_labels
+    from napari_sagegan.io.images import find_pairs, read_image, read_labels
 
     out = []
     for img_path, mask_path in find_pairs(images_dir, masks_dir or images_dir):
@@ -817,7 +817,7 @@ class FineTune:
 
         Returns the fine-tuned checkpoint dict (see :meth:`result`).
         """
-        from .engine.train_seg import SegmenterTrainer
+        from napari_sagegan.engine.train.segmenter import SegmenterTrainer
 
         with torch_threads(self.threads):
             yield Progress("prepare", 0, None, message="loading the model and the pairs")

@@ -15,14 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from ._tasks import (
+from napari_sagegan.napari.tasks import (
     META_KEY,
     ModelEntry,
     TrainingPair,
     gather_pairs,
     torch_threads,
 )
-from .engine.progress import Progress
+from napari_sagegan.util.progress import Progress
 
 #: Name prefix of generated pairs.
 SYNTH_PREFIX = "SAGE-GAN synth"
@@ -64,7 +64,7 @@ class Augment:
         self.trainer: Any = None
 
     def run(self) -> Generator[Progress, None, Any]:
-        from .engine.train_gan import GanTrainer
+        from napari_sagegan.engine.train.gan import GanTrainer
 
         with torch_threads(self.threads):
             yield Progress("prepare", 0, None, message="loading the segmenter and the pairs")
@@ -115,8 +115,8 @@ def generate_pairs(
     threads: int | None = None,
 ) -> Generator[Progress, None, list[tuple[np.ndarray, np.ndarray]]]:
     """``n`` pairs ``(uint8 image, int32 labels)`` from a generator checkpoint dict."""
-    from .engine.synth import make_masks, synthesize_pairs, to_uint8
-    from .engine.train_gan import build_generator
+    from napari_sagegan.engine.synthetic.layouts import make_masks, synthesize_pairs, to_uint8
+    from napari_sagegan.engine.train.gan import build_generator
 
     with torch_threads(threads):
         yield Progress("prepare", 0, n, message="drawing new masks")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._tasks import META_KEY
+from napari_sagegan.napari.tasks import META_KEY
 
 #: Side of the 2-D samples, pixels.
 SIZE = 512
@@ -34,7 +34,7 @@ def _layers(title: str, image: Any, labels: Any) -> LayerData:
 
 
 def _sample(kind: str, title: str) -> LayerData:
-    from .engine.synthetic import make_sample
+    from napari_sagegan.engine.synthetic.render import make_sample
 
     image, labels = make_sample(kind, shape=(SIZE, SIZE), seed=0)
     return _layers(title, image, labels)
@@ -62,7 +62,7 @@ def haadf_square() -> LayerData:
 
 def tem_tilt_series() -> LayerData:
     """A 3-D (Z, Y, X) TEM tilt series (7 slices, -60 to +60 degrees) of dispersed particles."""
-    from .engine.synthetic import make_stack
+    from napari_sagegan.engine.synthetic.render import make_stack
 
     stack, labels = make_stack("tem_dispersed", n_slices=7, shape=(384, 384), seed=0)
     return _layers("TEM tilt series", stack, labels)

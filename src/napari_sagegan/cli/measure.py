@@ -21,8 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from .engine.fileutil import atomic_path, atomic_write_text
-from .engine.measure import Measurements, check_pixel_size, measure, summarize
+from napari_sagegan.engine.analysis.measure import (
+    Measurements,
+    check_pixel_size,
+    measure,
+    summarize,
+)
+from napari_sagegan.util.files import atomic_path, atomic_write_text
 
 _FLOAT_FORMAT = "%.6g"
 
@@ -175,7 +180,7 @@ def add_measure_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _read_labels_file(path: Path) -> np.ndarray:
-    from .io.images import as_instance_labels, read_image
+    from napari_sagegan.io.images import as_instance_labels, read_image
 
     data = read_image(path)
     if data.ndim == 2:
@@ -186,7 +191,7 @@ def _read_labels_file(path: Path) -> np.ndarray:
 def _resolve_pixel_size(
     given: float | None, labels_path: Path, image_path: Path | None, image_meta: dict | None
 ) -> tuple[float | None, str]:
-    from .io.em import read_pixel_size
+    from napari_sagegan.io.em import read_pixel_size
 
     if given is not None:
         return given, "--pixel-size"
@@ -200,7 +205,7 @@ def _resolve_pixel_size(
 
 def cmd_measure(args: argparse.Namespace) -> int:
     """Run ``sagegan measure``; returns the exit status (0)."""
-    from .io.em import read_em
+    from napari_sagegan.io.em import read_em
 
     given = check_pixel_size(args.pixel_size)
     label_paths = [Path(p).expanduser() for p in args.labels]

@@ -22,8 +22,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .. import _tasks
-from ._common import (
+from napari_sagegan.napari import tasks as _tasks
+from napari_sagegan.napari._qt.common import (
     CurvePlot,
     DockBase,
     ProgressPanel,
@@ -31,7 +31,7 @@ from ._common import (
     notify_info,
     notify_warning,
 )
-from .segment import DEVICES, add_result_layers
+from napari_sagegan.napari._qt.segment import DEVICES, add_result_layers
 
 _ROLE_LABELS = Qt.ItemDataRole.UserRole
 
@@ -259,7 +259,7 @@ class RetrainWidget(DockBase):
 
     # ------------------------------------------------------------------ training
     def train_config(self) -> Any:
-        from ..engine.config import TrainConfig
+        from napari_sagegan.engine.config import TrainConfig
 
         return TrainConfig(
             epochs=int(self.epochs_spin.value()),

@@ -1,8 +1,8 @@
 """The "Measure" dock widget: particle table, size / spacing histograms, g(r), colouring.
 
-Thin: every number comes from :func:`napari_sagegan.engine.measure.measure`, run in a worker
+Thin: every number comes from :func:`napari_sagegan.engine.analysis.measure.measure`, run in a worker
 thread (``napari.qt.threading.create_worker``); the widget only gathers its inputs, shows the
-result and writes the CSV (:func:`napari_sagegan._measure_cli.write_measurements`).
+result and writes the CSV (:func:`napari_sagegan.cli.measure.write_measurements`).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._tasks import layer_pixel_size
-from ..engine.measure import Measurements, measure
+from napari_sagegan.engine.analysis.measure import Measurements, measure
+from napari_sagegan.napari.tasks import layer_pixel_size
 
 _NO_IMAGE = "(none)"
 #: Properties bounded to [0, 1]: coloured on that fixed range so images compare.
@@ -231,7 +231,7 @@ class MeasureWidget(QWidget):
         self.pixel_size.setValue(value or 0.0)
 
     def parameters(self) -> dict[str, Any]:
-        """The arguments of :func:`~napari_sagegan.engine.measure.measure` set in the widget.
+        """The arguments of :func:`~napari_sagegan.engine.analysis.measure.measure` set in the widget.
 
         Raises
         ------
@@ -410,7 +410,7 @@ class MeasureWidget(QWidget):
     # ----------------------------------------------------------------- export
     def export_csv(self, path: str | Path) -> Path:
         """Write the table to ``path`` and the summary to ``<stem>.summary.json`` beside it."""
-        from .._measure_cli import write_measurements
+        from napari_sagegan.cli.measure import write_measurements
 
         if self.result is None:
             raise ValueError("nothing to export yet: press Measure first")

@@ -26,9 +26,16 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .. import _gan_tasks, _tasks
-from ._common import DockBase, ProgressPanel, notify_error, notify_info, notify_warning
-from .segment import DEVICES
+from napari_sagegan.napari import gan_tasks as _gan_tasks
+from napari_sagegan.napari import tasks as _tasks
+from napari_sagegan.napari._qt.common import (
+    DockBase,
+    ProgressPanel,
+    notify_error,
+    notify_info,
+    notify_warning,
+)
+from napari_sagegan.napari._qt.segment import DEVICES
 
 _ROLE = Qt.ItemDataRole.UserRole
 TERMS = ("adv_img", "adv_mask", "id_mask", "rec_mask", "rec_img", "id_img", "d_img", "d_mask")
@@ -282,7 +289,7 @@ class AugmentWidget(DockBase):
         return pairs
 
     def gan_config(self) -> Any:
-        from ..engine.train_gan import GanConfig
+        from napari_sagegan.engine.train.gan import GanConfig
 
         values = dict(
             max_minutes=float(self.minutes_spin.value()),
@@ -426,7 +433,7 @@ class AugmentWidget(DockBase):
                 self.viewer.layers.remove(layer)
 
     def _retrain_widget(self) -> Any:
-        from .retrain import RetrainWidget
+        from napari_sagegan.napari._qt.retrain import RetrainWidget
 
         for w in QApplication.allWidgets():
             if isinstance(w, RetrainWidget) and w.viewer is self.viewer:

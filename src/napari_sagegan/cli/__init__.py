@@ -58,7 +58,7 @@ def _drive(gen, bar, on_event=None):
 
 # --------------------------------------------------------------------------- train
 def _load_pairs(images_dir: str, masks_dir: str):
-    from .io.images import find_pairs, read_image, read_labels
+    from napari_sagegan.io.images import find_pairs, read_image, read_labels
 
     pairs = find_pairs(images_dir, masks_dir)
     images, labels = [], []
@@ -78,7 +78,7 @@ def _load_pairs(images_dir: str, masks_dir: str):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .engine.config import TrainConfig, preset
+    from napari_sagegan.engine.config import TrainConfig, preset
 
     out = Path(args.out)
     if out.exists() and out.is_dir():
@@ -112,7 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     arch = preset(args.preset)
     images, labels = _load_pairs(args.images, args.masks)
 
-    from .engine.train_seg import SegmenterTrainer
+    from napari_sagegan.engine.train.segmenter import SegmenterTrainer
 
     trainer = SegmenterTrainer(
         images,
@@ -166,9 +166,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- segment
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .io.em import EM_SUFFIXES, read_em
-    from .io.export import write_labels_tiff
-    from .io.images import IMAGE_SUFFIXES, list_images, probe_image, read_image
+    from napari_sagegan.io.em import EM_SUFFIXES, read_em
+    from napari_sagegan.io.export import write_labels_tiff
+    from napari_sagegan.io.images import IMAGE_SUFFIXES, list_images, probe_image, read_image
 
     files = list_images(args.inputs, IMAGE_SUFFIXES + EM_SUFFIXES)
     for f in files:  # refuse a bad input before spending time on the good ones
@@ -185,8 +185,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise _Fail(f"--out {out_dir} exists and is not a folder")
 
-    from .engine.config import InferConfig  # noqa: F401  (validates overrides below)
-    from .engine.segment import Segmenter
+    from napari_sagegan.engine.config import InferConfig  # noqa: F401  (validates overrides below)
+    from napari_sagegan.engine.infer.segment import Segmenter
 
     if args.diameter is not None and args.diameter_nm is not None:
         raise _Fail("give the particle diameter once: --diameter (pixels) or --diameter-nm")
@@ -195,7 +195,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             raise _Fail(f"{flag} must be a positive particle diameter, got {value}")
     if args.pixel_size is not None and not args.pixel_size > 0:
         raise _Fail(f"--pixel-size must be a positive number of nm, got {args.pixel_size}")
-    from .io.em import read_pixel_size
+    from napari_sagegan.io.em import read_pixel_size
 
     pixel_sizes, px_sources = {}, {}
     for f in files:  # header only for TIFFs; EM files tell theirs when they are read
@@ -265,7 +265,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 unit="nm" if px else None,
             )
             if args.csv:
-                from ._measure_cli import write_particle_csv
+                from napari_sagegan.cli.measure import write_particle_csv
 
                 write_particle_csv(
                     staging / f"{path.stem}.csv",
@@ -288,8 +288,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .engine.metrics import evaluate_pair, mean_metrics
-    from .io.images import find_pairs, read_labels
+    from napari_sagegan.engine.analysis.metrics import evaluate_pair, mean_metrics
+    from napari_sagegan.io.images import find_pairs, read_labels
 
     pairs = find_pairs(args.pred, args.gt)
     rows = {}
@@ -312,7 +312,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             )
         )
     if args.json:
-        from .engine.fileutil import atomic_write_text
+        from napari_sagegan.util.files import atomic_write_text
 
         atomic_write_text(args.json, json.dumps({"per_image": rows, "mean": mean}, indent=2))
     return 0
@@ -320,7 +320,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from napari_sagegan import __version__
 
     p = argparse.ArgumentParser(
         prog="sagegan",
@@ -422,10 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     e.set_defaults(func=cmd_evaluate)
 
-    from ._measure_cli import add_measure_parser
+    from napari_sagegan.cli.measure import add_measure_parser
 
     add_measure_parser(sub)
-    from ._gan_cli import add_gan_parsers
+    from napari_sagegan.cli.gan import add_gan_parsers
 
     add_gan_parsers(sub)
     return p

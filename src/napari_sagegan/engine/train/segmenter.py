@@ -1,7 +1,7 @@
 """Phase 1: train (or fine-tune) the Attention U-Net segmenter.
 
 :class:`SegmenterTrainer` turns image/label pairs into a trained model. Its :meth:`run` is a
-generator of :class:`~napari_sagegan.engine.progress.Progress` events (``stage="train"`` after
+generator of :class:`~napari_sagegan.util.progress.Progress` events (``stage="train"`` after
 each optimisation step with the losses, ``stage="validate"`` after each validation with Dice
 and instance F1) that a caller can stop between any two events: the best model so far stays
 available in :attr:`SegmenterTrainer.best_state` and, when ``out`` is given, on disk.
@@ -27,18 +27,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from .augment import AUGMENTATIONS
-from .checkpoint import build_segmenter, load_checkpoint, save_checkpoint
-from .config import ArchConfig, InferConfig, TrainConfig
-from .data import PatchSampler, split_indices
-from .device import describe_device, resolve_device
-from .losses import segmentation_loss
-from .metrics import evaluate_pair, mean_metrics
-from .nets.attention_unet import AttentionUNet, maps_from_logits
-from .postprocess import instances_from_maps
-from .progress import Progress, run_to_end
-from .scale import estimate_diameter, median_diameter, rescale_pair, scale_factor
-from .tiling import predict_tiled
+from napari_sagegan.engine.analysis.metrics import evaluate_pair, mean_metrics
+from napari_sagegan.engine.checkpoint import build_segmenter, load_checkpoint, save_checkpoint
+from napari_sagegan.engine.config import ArchConfig, InferConfig, TrainConfig
+from napari_sagegan.engine.data.augment import AUGMENTATIONS
+from napari_sagegan.engine.data.pairs import PatchSampler, split_indices
+from napari_sagegan.engine.device import describe_device, resolve_device
+from napari_sagegan.engine.infer.postprocess import instances_from_maps
+from napari_sagegan.engine.infer.scale import (
+    estimate_diameter,
+    median_diameter,
+    rescale_pair,
+    scale_factor,
+)
+from napari_sagegan.engine.infer.tiling import predict_tiled
+from napari_sagegan.engine.nets.attention_unet import AttentionUNet, maps_from_logits
+from napari_sagegan.engine.train.losses import segmentation_loss
+from napari_sagegan.util.progress import Progress, run_to_end
 
 
 def seed_everything(seed: int) -> None:

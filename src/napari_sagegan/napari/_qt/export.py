@@ -22,9 +22,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..engine.progress import Progress
-from ..io.export import particle_table, short_unit, write_labels_tiff
-from ._common import DockBase, ProgressPanel, notify_info, notify_warning
+from napari_sagegan.io.export import particle_table, short_unit, write_labels_tiff
+from napari_sagegan.napari._qt.common import DockBase, ProgressPanel, notify_info, notify_warning
+from napari_sagegan.util.progress import Progress
 
 #: Name of the particle table written beside the label files.
 CSV_NAME = "particles.csv"
@@ -58,7 +58,7 @@ def export_layers(
     """Write each ``(name, labels, scale, unit)`` to its path, then the CSV (worker thread)."""
     import pandas as pd
 
-    from ..engine.fileutil import atomic_path
+    from napari_sagegan.util.files import atomic_path
 
     tables = []
     for i, ((name, data, scale, unit), path) in enumerate(zip(items, paths)):
