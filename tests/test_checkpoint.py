@@ -3,13 +3,16 @@ import pickle
 import pytest
 import torch
 
-from napari_sagegan.engine.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    load_segmenter,
-    save_checkpoint,
-)
+from napari_sagegan.engine.checkpoint import Checkpoint, CheckpointError, load_segmenter
 from napari_sagegan.engine.nets.attention_unet import AttentionUNet
+
+
+def save_checkpoint(path, model, **kw):
+    return Checkpoint.from_model(model, **kw).save(path)
+
+
+def load_checkpoint(path, kind="segmenter"):
+    return Checkpoint.load(path, kind=kind)
 
 
 def _model(arch):
@@ -95,3 +98,35 @@ def test_failed_save_leaves_previous_file_intact(tmp_path, tiny_arch):
         save_checkpoint(path, _model(tiny_arch), arch=tiny_arch, extra={"x": lambda: 0}, epoch=2)
     assert load_checkpoint(path)["epoch"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_target_diameter_is_the_models_and_old_files_keep_theirs(tmp_path, tiny_arch):
+    from napari_sagegan.engine.checkpoint import default_model_path, target_diameter_of
+    from napari_sagegan.engine.config import TrainConfig
+
+    model = _model(tiny_arch)
+    new = Checkpoint.from_model(model, arch=tiny_arch, train=TrainConfig(target_diameter=24.0))
+    loaded = Checkpoint.load(new.save(tmp_path / "m.pt"))
+    assert loaded.target_diameter == 24.0 and loaded["target_diameter"] == 24.0
+    # files written before the entry existed: the train dict is read (None: own scale)
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    del payload["target_diameter"]
+    torch.save(payload, tmp_path / "old.pt")
+    assert Checkpoint.load(tmp_path / "old.pt").target_diameter == 24.0
+    assert target_diameter_of({"train": {"target_diameter": None}}) is None
+    assert target_diameter_of({}) is None
+    if default_model_path().is_file():
+        assert Checkpoint.load("default").target_diameter == 32.0
+
+
+def test_every_kind_builds_from_its_arch(tmp_path):
+    from napari_sagegan.engine.nets.generator import GeneratorConfig, StyleUNetGenerator
+
+    cfg = GeneratorConfig(base_channels=4, depth=2, z_dim=8, w_dim=8, mapping_layers=1)
+    gen = StyleUNetGenerator(cfg).eval()
+    path = Checkpoint.from_model(gen, kind="generator", arch=cfg).save(tmp_path / "g.pt")
+    ckpt = Checkpoint.load(path, kind="generator")
+    rebuilt = ckpt.build()
+    assert isinstance(rebuilt, StyleUNetGenerator) and rebuilt.config == cfg
+    with pytest.raises(FileNotFoundError, match="no bundled generator"):
+        Checkpoint.load("default", kind="generator")

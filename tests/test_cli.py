@@ -84,7 +84,7 @@ def test_train_segment_evaluate(trained, capsys):
     rc = main(["segment", str(images), "--out", str(out), "--model", str(model), "--device", "cpu"])
     assert rc == 0
     files = sorted(p.name for p in out.iterdir())
-    assert files == [f"im{i}.tif" for i in range(4)]
+    assert files == [f"im{i}.tif" for i in range(4)] + ["segment_report.json"]
     lab = tifffile.imread(out / "im0.tif")
     assert lab.shape == (64, 64) and lab.dtype == np.uint16
     assert not [p for p in root.iterdir() if p.name.startswith(".sagegan-")]
@@ -260,11 +260,11 @@ def test_segment_writes_particle_csv(trained):
 
 
 def test_segment_particle_size_flags(trained, capsys):
-    from napari_sagegan.engine.checkpoint import load_checkpoint
+    from napari_sagegan.engine.checkpoint import Checkpoint
     from napari_sagegan.io.em import tiff_pixel_size
 
     root, images, _masks, model = trained
-    assert load_checkpoint(model)["train"]["target_diameter"] == 32.0  # `train`'s default
+    assert Checkpoint.load(model).target_diameter == 32.0  # `train`'s default
     base = ["segment", str(images / "im1.png"), "--model", str(model), "--device", "cpu"]
 
     capsys.readouterr()
@@ -286,3 +286,40 @@ def test_segment_particle_size_flags(trained, capsys):
     assert main([*base, "--out", str(root / "bad2"), "--diameter", "5", "--diameter-nm", "3"]) == 2
     assert "once" in capsys.readouterr().err
     assert not (root / "bad1").exists() and not (root / "bad2").exists()
+
+
+def test_segment_report(trained):
+    """``segment_report.json``: per image, the particle size used, its source, the
+    thresholds and the pixel size (issue 12)."""
+    root, images, _masks, model = trained
+    out = root / "report"
+    args = ["segment", str(images / "im0.png"), str(images / "im1.png"), "--out", str(out)]
+    assert main([*args, "--model", str(model), "--device", "cpu", "--diameter", "14"]) == 0
+    report = json.loads((out / "segment_report.json").read_text())
+    assert report["format"] == "sagegan-segment-report" and report["version"] == 1
+    assert report["model"] == str(model)
+    assert [e["file"] for e in report["images"]] == ["im0.png", "im1.png"]
+    for entry in report["images"]:
+        assert set(entry) == {
+            "file", "diameter_px", "diameter_source", "confidence", "resample_factor",
+            "threshold", "seed_threshold", "n_particles", "pixel_size_nm",
+            "pixel_size_source", "excluded",
+        }  # fmt: skip
+        assert entry["diameter_px"] == 14.0 and entry["diameter_source"] == "given"
+        assert entry["resample_factor"] == pytest.approx(32 / 14)
+        assert entry["confidence"] is None or isinstance(entry["confidence"], float)
+        assert isinstance(entry["threshold"], float) and isinstance(entry["seed_threshold"], float)
+        assert isinstance(entry["n_particles"], int) and isinstance(entry["excluded"], list)
+        assert entry["pixel_size_nm"] is None and entry["pixel_size_source"] is None
+    labels = tifffile.imread(out / "im1.tif")
+    assert report["images"][1]["n_particles"] == int(labels.max())
+
+    tifffile.imwrite(root / "cal.tif", iio.imread(images / "im2.png"), imagej=True,
+                     resolution=(2.0, 2.0), metadata={"unit": "nm"})  # fmt: skip
+    out = root / "report_auto"
+    assert main(["segment", str(root / "cal.tif"), "--out", str(out), "--model", str(model),
+                 "--device", "cpu"]) == 0  # fmt: skip
+    [entry] = json.loads((out / "segment_report.json").read_text())["images"]
+    assert entry["diameter_source"] in ("estimated", "none")
+    assert (entry["diameter_px"] is None) == (entry["diameter_source"] == "none")
+    assert entry["pixel_size_nm"] == pytest.approx(0.5) and entry["pixel_size_source"] == "imagej"

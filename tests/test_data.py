@@ -6,14 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from napari_sagegan.engine.data.pairs import (
-    PatchSampler,
-    apply_range,
-    instance_targets,
-    normalize,
-    robust_range,
-    split_indices,
-)
+from napari_sagegan.engine.data.intensity import apply_range, normalize, robust_range
+from napari_sagegan.engine.data.pairs import instance_targets, split_indices
+from napari_sagegan.engine.data.sampling import PatchSampler
 
 # --------------------------------------------------------------------------- intensities
 

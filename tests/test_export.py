@@ -10,7 +10,7 @@ import tifffile
 from conftest import disc_image
 from napari_sagegan.io.export import (
     particle_table,
-    read_pixel_size,
+    read_labels_scale,
     short_unit,
     write_labels_tiff,
 )
@@ -27,7 +27,7 @@ def test_uint16_labels_with_pixel_size_and_unit(tmp_path):
     path = write_labels_tiff(tmp_path / "a.tif", lab, scale=(0.25, 0.5), unit="nm")
     back = tifffile.imread(path)
     assert back.dtype == np.uint16 and np.array_equal(back, lab)
-    assert read_pixel_size(path) == ((0.25, 0.5), "nm")
+    assert read_labels_scale(path) == ((0.25, 0.5), "nm")
     with tifffile.TiffFile(path) as tif:  # what Fiji reads
         assert tif.is_imagej and tif.imagej_metadata["unit"] == "nm"
         xres = tif.pages[0].tags["XResolution"].value
@@ -41,9 +41,9 @@ def test_stack_spacing_micron_and_uncalibrated(tmp_path):
         meta = tif.imagej_metadata
         assert meta["spacing"] == 40.0 and meta["unit"] == "micron"  # ImageJ's spelling
         assert tif.series[0].shape == (2, 64, 64)
-    assert read_pixel_size(path) == ((0.5, 0.5), "µm")
+    assert read_labels_scale(path) == ((0.5, 0.5), "µm")
     plain = write_labels_tiff(tmp_path / "p.tif", labels_2d(), scale=(1.0, 1.0), unit="nm")
-    assert read_pixel_size(plain) == ((1.0, 1.0), None)
+    assert read_labels_scale(plain) == ((1.0, 1.0), None)
 
 
 def test_more_than_65535_particles_need_uint32(tmp_path):
@@ -52,7 +52,7 @@ def test_more_than_65535_particles_need_uint32(tmp_path):
     path = write_labels_tiff(tmp_path / "big.tif", lab, scale=(2.0, 2.0), unit="nm")
     back = tifffile.imread(path)
     assert back.dtype == np.uint32 and np.array_equal(back, lab)
-    (py, px), unit = read_pixel_size(path)  # resolution tags in pixels per cm
+    (py, px), unit = read_labels_scale(path)  # resolution tags in pixels per cm
     assert unit == "nm" and py == pytest.approx(2.0) and px == pytest.approx(2.0)
 
 
@@ -105,7 +105,7 @@ def test_npe2_writer_takes_scale_and_units_from_the_layer(tmp_path):
     written = write_labels(str(tmp_path / "out"), data, meta)
     assert written == [str(tmp_path / "out.tif")]
     assert np.array_equal(tifffile.imread(written[0]), labels_2d())
-    assert read_pixel_size(written[0]) == ((0.5, 0.5), "nm")
+    assert read_labels_scale(written[0]) == ((0.5, 0.5), "nm")
 
 
 @pytest.mark.gui
@@ -136,7 +136,7 @@ def test_export_all_labels_asks_before_overwriting(make_napari_viewer, qtbot, tm
         "stack_labels.tif",
     ]
     assert asked == []  # nothing existed: no question
-    assert read_pixel_size(tmp_path / "a_labels.tif") == ((0.5, 0.5), "nm")
+    assert read_labels_scale(tmp_path / "a_labels.tif") == ((0.5, 0.5), "nm")
     assert tifffile.imread(tmp_path / "stack_labels.tif").shape == (2, 64, 64)
     csv = pd.read_csv(tmp_path / "particles.csv")
     assert len(csv) == 3 + 6 and set(csv["layer"]) == {"a labels", "stack/labels"}

@@ -9,19 +9,14 @@ import pytest
 import torch
 
 from conftest import disc_image
-from napari_sagegan.engine.checkpoint import CheckpointError, load_checkpoint
-from napari_sagegan.engine.config import preset
+from napari_sagegan.engine.checkpoint import Checkpoint, CheckpointError
+from napari_sagegan.engine.config import GanConfig, preset
 from napari_sagegan.engine.nets.attention_unet import AttentionUNet
 from napari_sagegan.engine.nets.discriminator import DiscriminatorConfig, PatchDiscriminator
 from napari_sagegan.engine.nets.generator import GeneratorConfig, StyleUNetGenerator
 from napari_sagegan.engine.train.diffaug import diff_augment
-from napari_sagegan.engine.train.gan import (
-    GanConfig,
-    GanTrainer,
-    load_generator,
-    ms_ssim_loss,
-    ssim_index,
-)
+from napari_sagegan.engine.train.gan import GanTrainer
+from napari_sagegan.engine.train.losses import ms_ssim_loss, ssim_index
 from napari_sagegan.util.progress import run_to_end
 
 
@@ -71,6 +66,11 @@ def _config(**kw):
 def _trainer(tmp_path=None, **kw):
     images, labels = _pairs()
     return GanTrainer(images, labels, _config(**kw), seg=_seg_ckpt(), out=tmp_path, device="cpu")
+
+
+def load_generator(path):
+    ckpt = Checkpoint.load(path, kind="generator")
+    return ckpt.build(), ckpt
 
 
 def _params(module):
@@ -151,6 +151,15 @@ def test_config_round_trip_and_unknown_key():
     assert GanConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown GanConfig key 'w_vgg'"):
         GanConfig.from_dict({"w_vgg": 1.0})
+    with pytest.raises(ValueError, match="GanConfig.train: unknown TrainConfig key 'foo'"):
+        GanConfig.from_dict({"train": {"foo": 1}})
+    # the segmenter's options are one TrainConfig, nested (nothing copied or dropped)
+    assert cfg.to_dict()["train"]["patch_size"] == 32 and "patch_size" not in cfg.to_dict()
+    assert cfg.replace(invert=False, w_p=1.0).train.invert is False
+    # the flat dicts of earlier versions still load
+    old = GanConfig.from_dict({"patch_size": 64, "seg_loss": "ce_dice", "w_p": 3.0})
+    assert (old.train.patch_size, old.train.loss, old.w_p) == (64, "ce_dice", 3.0)
+    assert old.train.batch_size == GanConfig().train.batch_size == 2
     assert cfg.mix_ratio(1) == 1.0
     short = GanConfig.short()
     assert short.mix_ratio(1) == 0.0 and math.isclose(short.mix_ratio(3), 0.2)
@@ -224,8 +233,9 @@ def test_run_cancel_keeps_best_and_resume(tmp_path):
     assert res.best_metrics and "f1@0.5" in res.best_metrics
     for name in ("segmenter.pt", "generator.pt", "gan_state.pt"):
         assert (tmp_path / name).is_file()
-    seg = load_checkpoint(tmp_path / "segmenter.pt", kind="segmenter")
+    seg = Checkpoint.load(tmp_path / "segmenter.pt", kind="segmenter")
     assert seg["extra"].get("phase") is None or seg["kind"] == "segmenter"
+    assert seg.train["invert"] is True and seg.train["plateau_patience"] == 10  # none dropped
     g, ck = load_generator(tmp_path / "generator.pt")
     assert ck["extra"]["mask_stats"]["diameter"] > 5
     assert isinstance(g, StyleUNetGenerator)

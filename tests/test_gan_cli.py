@@ -10,7 +10,7 @@ import torch
 
 from conftest import disc_image
 from napari_sagegan.cli import main
-from napari_sagegan.engine.checkpoint import load_checkpoint, save_checkpoint
+from napari_sagegan.engine.checkpoint import Checkpoint
 from napari_sagegan.engine.config import preset
 from napari_sagegan.engine.nets.attention_unet import AttentionUNet
 
@@ -40,7 +40,7 @@ def _write_pairs(root, n=4, seed=0, empty=False):
 def _tiny_seg(path):
     torch.manual_seed(0)
     arch = preset("tiny")
-    save_checkpoint(path, AttentionUNet(arch), arch=arch)
+    Checkpoint.from_model(AttentionUNet(arch), arch=arch).save(path)
     return path
 
 
@@ -73,8 +73,8 @@ def test_augment_writes_models_and_pairs(augmented, capsys):
         "masks",
         "segmenter.pt",
     ]
-    assert load_checkpoint(out / "segmenter.pt", kind="segmenter")["kind"] == "segmenter"
-    assert load_checkpoint(out / "generator.pt", kind="generator")["extra"]["mask_stats"]
+    assert Checkpoint.load(out / "segmenter.pt", kind="segmenter")["kind"] == "segmenter"
+    assert Checkpoint.load(out / "generator.pt", kind="generator")["extra"]["mask_stats"]
     names = sorted(p.name for p in (out / "images").iterdir())
     assert names == ["synth_0001.tif", "synth_0002.tif", "synth_0003.tif"]
     assert names == sorted(p.name for p in (out / "masks").iterdir())

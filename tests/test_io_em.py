@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_sagegan.io.em import read_em, read_pixel_size, tiff_pixel_size, unit_to_nm
+from napari_sagegan.io.em import read_em, tiff_pixel_size, unit_to_nm
+from napari_sagegan.io.pixel_size import read_pixel_size
 
 pytest.importorskip("rsciio")
 pytest.importorskip("mrcfile")
@@ -375,8 +376,10 @@ def test_mrc_files(tmp_path):
 def test_read_pixel_size_matches_read_em(tmp_path):
     write_fei_tif(tmp_path / "f.tif", micrograph(dtype=np.uint8))
     write_mrc(tmp_path / "m.mrc", micrograph(), 5.0)
-    assert read_pixel_size(tmp_path / "f.tif") == read_em(tmp_path / "f.tif")[1]
-    assert read_pixel_size(tmp_path / "m.mrc")["pixel_size"] == pytest.approx(0.5)
+    meta = read_em(tmp_path / "f.tif")[1]
+    found = read_pixel_size(tmp_path / "f.tif")
+    assert (found.nm, found.source, found.file) == (meta["pixel_size"], meta["source"], "f.tif")
+    assert read_pixel_size(tmp_path / "m.mrc").nm == pytest.approx(0.5)
 
 
 # --------------------------------------------------------------------------- bad files

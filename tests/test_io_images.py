@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import tifffile
 
+from napari_sagegan.io.export import write_labels_tiff
 from napari_sagegan.io.images import (
     IMAGE_SUFFIXES,
     find_pairs,
     list_images,
     read_image,
     read_labels,
-    write_labels_tif,
 )
 
 
@@ -253,7 +253,7 @@ def test_list_images_expands_folders(tmp_path):
 def test_write_labels_round_trip_uint16_imagej(tmp_path, rng):
     lab = rng.integers(0, 300, (30, 40)).astype(np.int64)
     out = tmp_path / "lab.tif"
-    write_labels_tif(out, lab)
+    write_labels_tiff(out, lab)
     with tifffile.TiffFile(out) as tif:
         data = tif.asarray()
         assert tif.is_imagej
@@ -267,26 +267,26 @@ def test_write_labels_uint32_and_stack(tmp_path):
     lab = np.zeros((2, 10, 12), np.int64)
     lab[0, 1:4, 1:4] = 70_000
     lab[1, 5:8, 5:8] = 3
-    write_labels_tif(tmp_path / "big.tif", lab)
+    write_labels_tiff(tmp_path / "big.tif", lab)
     data = tifffile.imread(tmp_path / "big.tif")
     assert data.dtype == np.uint32 and data.shape == (2, 10, 12)
     np.testing.assert_array_equal(data, lab)
-    write_labels_tif(tmp_path / "small.tif", lab.clip(0, 9))
+    write_labels_tiff(tmp_path / "small.tif", lab.clip(0, 9))
     assert tifffile.imread(tmp_path / "small.tif").shape == (2, 10, 12)
 
 
 def test_write_labels_overwrites_and_cleans_up_on_failure(tmp_path):
     target = tmp_path / "out.tif"
-    write_labels_tif(target, np.ones((5, 5), np.uint8))
-    write_labels_tif(target, np.full((5, 5), 2, np.uint8))
+    write_labels_tiff(target, np.ones((5, 5), np.uint8))
+    write_labels_tiff(target, np.full((5, 5), 2, np.uint8))
     np.testing.assert_array_equal(tifffile.imread(target), 2)
     blocked = tmp_path / "blocked.tif"
     blocked.mkdir()  # renaming a file over a folder fails after the data were written
     with pytest.raises(OSError):
-        write_labels_tif(blocked, np.ones((5, 5), np.uint8))
+        write_labels_tiff(blocked, np.ones((5, 5), np.uint8))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocked.tif", "out.tif"]
     assert list(blocked.iterdir()) == []
     with pytest.raises(ValueError, match="integers"):
-        write_labels_tif(tmp_path / "f.tif", np.ones((4, 4), np.float32))
+        write_labels_tiff(tmp_path / "f.tif", np.ones((4, 4), np.float32))
     with pytest.raises(ValueError, match="negative"):
-        write_labels_tif(tmp_path / "n.tif", -np.ones((4, 4), np.int32))
+        write_labels_tiff(tmp_path / "n.tif", -np.ones((4, 4), np.int32))

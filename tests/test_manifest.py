@@ -100,7 +100,8 @@ def test_sample_data_give_images_with_their_labels(manifest):
 def test_manifest_modules_load_no_torch_or_qt_until_a_widget_opens():
     code = (
         "import sys; import napari_sagegan.napari.sample_data, napari_sagegan.napari.writer, "
-        "napari_sagegan.napari.tasks, napari_sagegan.io.export; "
+        "napari_sagegan.napari.layers, napari_sagegan.napari.state, "
+        "napari_sagegan.napari.jobs, napari_sagegan.io.export; "
         "print(','.join(sorted({m.split('.')[0] for m in sys.modules})))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

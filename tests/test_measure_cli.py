@@ -11,13 +11,10 @@ import pytest
 import tifffile
 from skimage.draw import disk
 
-from napari_sagegan.cli.measure import (
-    add_measure_parser,
-    summary_path,
-    write_particle_csv,
-)
+from napari_sagegan.cli.measure import add_parser
 from napari_sagegan.engine.analysis.measure import measure
-from napari_sagegan.io.images import write_labels_tif
+from napari_sagegan.io.export import write_labels_tiff
+from napari_sagegan.io.tables import summary_path, write_measurements
 
 
 def discs(shape=(96, 96), centres=((30, 30), (60, 64), (75, 20)), radius=7):
@@ -30,13 +27,13 @@ def discs(shape=(96, 96), centres=((30, 30), (60, 64), (75, 20)), radius=7):
 
 def run(argv):
     parser = argparse.ArgumentParser(prog="sagegan")
-    add_measure_parser(parser.add_subparsers(dest="command", required=True))
+    add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["measure", *map(str, argv)])
     return args.func(args)
 
 
 def test_pixel_size_from_the_command_line(tmp_path, capsys):
-    write_labels_tif(tmp_path / "a_labels.tif", discs())
+    write_labels_tiff(tmp_path / "a_labels.tif", discs())
     out = tmp_path / "particles.csv"
     assert run([tmp_path / "a_labels.tif", "--pixel-size", "2.5", "--out", out]) == 0
     assert "pixel size 2.5 nm (from --pixel-size)" in capsys.readouterr().out
@@ -66,7 +63,7 @@ def test_pixel_size_from_the_label_file_then_from_the_image(tmp_path, capsys):
     assert "pixel size 2 nm (from cal_labels.tif (imagej metadata))" in capsys.readouterr().out
     assert "equivalent_diameter_nm" in pd.read_csv(out)
 
-    write_labels_tif(tmp_path / "img_labels.tif", labels)  # no pixel size in the labels
+    write_labels_tiff(tmp_path / "img_labels.tif", labels)  # no pixel size in the labels
     image = np.where(labels > 0, 50, 200).astype(np.uint8)
     fei = "[Scan]\r\nPixelWidth=4e-10\r\nPixelHeight=4e-10\r\n"
     tifffile.imwrite(tmp_path / "img.tif", image, extratags=[(34682, "s", 0, fei, True)])
@@ -91,8 +88,8 @@ def test_without_pixel_size_lengths_stay_in_pixels(tmp_path, capsys):
 
 
 def test_several_files_are_pooled(tmp_path):
-    write_labels_tif(tmp_path / "a.tif", discs())
-    write_labels_tif(tmp_path / "b.tif", discs(centres=((40, 40),), radius=10))
+    write_labels_tiff(tmp_path / "a.tif", discs())
+    write_labels_tiff(tmp_path / "b.tif", discs(centres=((40, 40),), radius=10))
     out = tmp_path / "all.csv"
     run([tmp_path / "a.tif", tmp_path / "b.tif", "--pixel-size", "1", "--out", out])
     table = pd.read_csv(out)
@@ -108,18 +105,19 @@ def test_several_files_are_pooled(tmp_path):
 
 
 def test_stack_of_labels(tmp_path):
-    write_labels_tif(tmp_path / "stack.tif", np.stack([discs(), discs(radius=5)]))
+    write_labels_tiff(tmp_path / "stack.tif", np.stack([discs(), discs(radius=5)]))
     out = tmp_path / "stack.csv"
     run([tmp_path / "stack.tif", "--out", out])
     table = pd.read_csv(out)
     assert list(table["slice"]) == [0, 0, 0, 1, 1, 1]
 
 
-def test_write_particle_csv_reads_back(tmp_path):
+def test_write_measurements_reads_back(tmp_path):
     labels = discs()
     image = np.where(labels > 0, 80.0, 10.0)
     path = tmp_path / "seg.csv"
-    m = write_particle_csv(path, labels, image, pixel_size=0.8)
+    m = measure(labels, image, 0.8)
+    write_measurements(path, m)
     back = pd.read_csv(path)
     assert list(back.columns) == list(m.table.columns)
     for col in ("area_nm2", "equivalent_diameter_nm", "psi6", "mean_intensity"):
@@ -140,7 +138,7 @@ def test_write_particle_csv_reads_back(tmp_path):
 )
 def test_bad_arguments_fail_without_output(tmp_path, monkeypatch, extra, error, match):
     monkeypatch.chdir(tmp_path)
-    write_labels_tif("a.tif", discs())
+    write_labels_tiff("a.tif", discs())
     tifffile.imwrite("small.tif", np.zeros((10, 10), np.uint8))
     with pytest.raises(error, match=match):
         run(["a.tif", *extra, "--out", "out.csv"])
@@ -149,7 +147,7 @@ def test_bad_arguments_fail_without_output(tmp_path, monkeypatch, extra, error, 
 
 
 def test_missing_inputs_and_outputs(tmp_path):
-    write_labels_tif(tmp_path / "a.tif", discs())
+    write_labels_tiff(tmp_path / "a.tif", discs())
     with pytest.raises(FileNotFoundError, match="nope.tif"):
         run([tmp_path / "nope.tif", "--out", tmp_path / "o.csv"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -159,7 +157,7 @@ def test_missing_inputs_and_outputs(tmp_path):
 
 
 def test_mixed_units_are_refused(tmp_path):
-    write_labels_tif(tmp_path / "plain.tif", discs())
+    write_labels_tiff(tmp_path / "plain.tif", discs())
     tifffile.imwrite(
         tmp_path / "cal.tif", discs(), imagej=True, resolution=(1.0, 1.0), metadata={"unit": "nm"}
     )

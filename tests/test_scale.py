@@ -7,7 +7,7 @@ import torch
 from conftest import disc_image
 from napari_sagegan.engine.analysis.metrics import evaluate_pair
 from napari_sagegan.engine.config import ArchConfig, InferConfig, TrainConfig
-from napari_sagegan.engine.data.pairs import PatchSampler
+from napari_sagegan.engine.data.sampling import PatchSampler
 from napari_sagegan.engine.infer.scale import (
     MAX_FACTOR,
     estimate_diameter,
@@ -178,8 +178,13 @@ def test_inverted_image_gives_the_same_labels(scaled_model):
     a = scaled_model.segment_sync(img).labels
     b = scaled_model.segment_sync(255 - img).labels
     assert int(a.max()) == int(b.max()) == 6
+    # each polarity finds its own particle size (the network's scale search), so the two
+    # label images may differ by the tiny model's polarity bias; both must match the truth
     match = evaluate_pair(b, a)
-    assert match["f1@0.5"] == 1.0 and match["dice"] >= 0.8
+    assert match["f1@0.5"] == 1.0 and match["dice"] >= 0.75
+    for labels in (a, b):
+        truth = evaluate_pair(labels, lab)
+        assert truth["f1@0.5"] == 1.0 and truth["dice"] >= 0.85
 
 
 def test_user_diameter_overrides_the_estimate(scaled_model):

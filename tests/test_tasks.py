@@ -1,4 +1,5 @@
-"""The Qt-free glue between layers and the engine (napari_sagegan.napari.tasks).
+"""The Qt-free napari side: layer adapters (napari.layers), the per-viewer state
+(napari.state) and the jobs the docks run (napari.jobs, over napari_sagegan.api).
 
 Also home of the tiny trained model shared by the GUI tests (``tiny_model`` fixture): a real
 segmenter trained for a few seconds on synthetic discs, saved with SegmenterTrainer.save.
@@ -15,10 +16,12 @@ import pytest
 import torch
 
 from conftest import disc_image
+from napari_sagegan import api
+from napari_sagegan.api.train import _training_pairs
 from napari_sagegan.engine.analysis.metrics import evaluate_pair
 from napari_sagegan.engine.config import ArchConfig, InferConfig, TrainConfig
 from napari_sagegan.engine.infer.tiling import n_tiles
-from napari_sagegan.napari import tasks as _tasks
+from napari_sagegan.napari import jobs, layers, state
 
 # --------------------------------------------------------------------------- shared model
 
@@ -78,7 +81,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def _layer(name, data, scale=None, translate=None, units=None, rgb=False):
-    """A stand-in for a napari Image layer: the plain attributes _tasks reads."""
+    """A stand-in for a napari Image layer: the plain attributes napari.layers reads."""
     nd = np.ndim(data) - (1 if rgb else 0)
     return SimpleNamespace(
         name=name,
@@ -107,56 +110,56 @@ def _drain(gen):
 def test_bad_image_layers_are_refused_with_advice():
     rgb = _layer("photo", np.zeros((16, 16, 3), np.uint8), rgb=True)
     with pytest.raises(ValueError, match="RGB.*Split RGB"):
-        _tasks.image_input(rgb)
+        layers.image_input(rgb)
     four_d = _layer("movie", np.zeros((2, 3, 16, 16), np.uint8))
     with pytest.raises(ValueError, match="4 dimensions.*Split Stack"):
-        _tasks.image_input(four_d)
+        layers.image_input(four_d)
     with pytest.raises(ValueError, match="not an image"):
-        _tasks.image_input(_layer("line", np.zeros(16, np.uint8)))
-    ok = _tasks.image_input(_layer("em", np.zeros((3, 16, 16)), scale=(2.0, 0.5, 0.5)))
+        layers.image_input(_layer("line", np.zeros(16, np.uint8)))
+    ok = layers.image_input(_layer("em", np.zeros((3, 16, 16)), scale=(2.0, 0.5, 0.5)))
     assert ok.scale == (2.0, 0.5, 0.5) and ok.unit is None
 
 
 def test_edits_are_recognised_by_fingerprint():
     _, lab = disc_scene()
     layer = SimpleNamespace(
-        name="a labels", data=lab.copy(), metadata={_tasks.META_KEY: {"image": "a"}}
+        name="a labels", data=lab.copy(), metadata={layers.META_KEY: {"image": "a"}}
     )
-    assert _tasks.is_edited(layer) is None  # no fingerprint: not made by the plugin
-    layer.metadata[_tasks.META_KEY]["digest"] = _tasks.labels_digest(lab)
-    assert _tasks.is_edited(layer) is False
+    assert layers.is_edited(layer) is None  # no fingerprint: not made by the plugin
+    layer.metadata[layers.META_KEY]["digest"] = layers.labels_digest(lab)
+    assert layers.is_edited(layer) is False
     layer.data[0, 0] = 99  # paint one pixel
-    assert _tasks.is_edited(layer) is True
+    assert layers.is_edited(layer) is True
     layer.data[0, 0] = 0  # undo
-    assert _tasks.is_edited(layer) is False
+    assert layers.is_edited(layer) is False
     # the image is found from the metadata, else from the "<image> labels" convention
-    assert _tasks.source_image_name(layer) == "a"
+    assert layers.source_image_name(layer) == "a"
     plain = SimpleNamespace(name="b labels [1]", metadata={})
-    assert _tasks.source_image_name(plain) == "b"
-    assert _tasks.source_image_name(SimpleNamespace(name="mask", metadata={})) is None
+    assert layers.source_image_name(plain) == "b"
+    assert layers.source_image_name(SimpleNamespace(name="mask", metadata={})) is None
 
 
 def test_training_pairs_are_checked():
     img, lab = disc_scene()
-    _tasks.check_pair(_tasks.TrainingPair("ok", img, lab))
+    layers.check_pair(layers.TrainingPair("ok", img, lab))
     with pytest.raises(ValueError, match="shape .* but the image has shape"):
-        _tasks.check_pair(_tasks.TrainingPair("crop", img, lab[:, :100]))
+        layers.check_pair(layers.TrainingPair("crop", img, lab[:, :100]))
     with pytest.raises(ValueError, match="no particle"):
-        _tasks.check_pair(_tasks.TrainingPair("empty", img, np.zeros_like(lab)))
+        layers.check_pair(layers.TrainingPair("empty", img, np.zeros_like(lab)))
     with pytest.raises(ValueError, match="2-D images"):
-        _tasks.check_pair(_tasks.TrainingPair("4d", img[None, None], lab[None, None]))
-    stack = _tasks.TrainingPair("stack", np.stack([img, img]), np.stack([lab, lab]))
-    images, labels = _tasks.split_slices([stack, _tasks.TrainingPair("2d", img, lab)])
+        layers.check_pair(layers.TrainingPair("4d", img[None, None], lab[None, None]))
+    stack = layers.TrainingPair("stack", np.stack([img, img]), np.stack([lab, lab]))
+    images, labels = _training_pairs([stack, layers.TrainingPair("2d", img, lab)], None, "")
     assert len(images) == len(labels) == 3 and all(im.shape == img.shape for im in images)
-    assert _tasks.suggest_patch_size([(64, 100), (300, 300)]) == 64
-    assert _tasks.suggest_patch_size([(20, 20)]) == 32
+    assert api.fit_patch_size(256, [np.zeros((64, 100)), np.zeros((300, 300))]) == 64
+    assert api.fit_patch_size(256, [np.zeros((20, 20))]) == 32
 
 
 # --------------------------------------------------------------------------- models
 
 
 def test_model_store_selects_rolls_back_and_forgets_widgets():
-    store = _tasks.ModelStore()
+    store = state.ModelStore()
     assert store.current.source == "default" and store.previous is None
     with pytest.raises(ValueError, match="no previous model"):
         store.use_previous()
@@ -183,24 +186,75 @@ def test_model_store_selects_rolls_back_and_forgets_widgets():
     assert store.entries[0].source == "default"
 
 
-def test_one_store_per_viewer_dropped_with_it():
+def test_one_state_per_viewer_dropped_with_it():
     class Viewer:  # any weak-referenceable object stands in for a napari viewer
         pass
 
     a, b = Viewer(), Viewer()
-    assert _tasks.model_store(a) is _tasks.model_store(a)
-    assert _tasks.model_store(a) is not _tasks.model_store(b)
-    n = len(_tasks._STORES)
+    assert state.viewer_state(a) is state.viewer_state(a)
+    assert state.viewer_state(a).models is not state.viewer_state(b).models
+    n = len(state._STATES)
     del a
     gc.collect()
-    assert len(_tasks._STORES) == n - 1
+    assert len(state._STATES) == n - 1
+
+
+def test_training_sets_and_phase2_live_in_the_viewer_state():
+    def labels(name, **meta):
+        return SimpleNamespace(name=name, data=np.ones((4, 4), np.int32), metadata={
+            layers.META_KEY: meta} if meta else {})  # fmt: skip
+
+    class Labels(SimpleNamespace):  # the layer kind is read from the class name
+        pass
+
+    class Image(SimpleNamespace):
+        pass
+
+    viewer_layers = [
+        Image(name="a", data=np.zeros((4, 4), np.uint8), metadata={}),
+        Labels(**vars(labels("a labels"))),
+        Image(name="s", metadata={}),
+        Labels(**vars(labels("s labels", image="s", synthetic=True))),
+        Labels(**vars(labels("orphan labels"))),  # its image is not open: not listed
+    ]
+    candidates = layers.candidate_pairs(viewer_layers)
+    assert [c.name for c in candidates] == ["a labels", "s labels", "orphan labels"]
+    st = state.ViewerState()
+    rows = st.augment_set.rows(candidates)  # real pairs ticked, generated ones not
+    assert [(c.name, t) for c, t in rows] == [("a labels", True), ("s labels", False)]
+    assert [(c.name, t) for c, t in st.retrain_set.rows(candidates)] == [
+        ("a labels", False), ("s labels", False)]  # fmt: skip
+
+    calls = []
+
+    class View:
+        def changed(self):
+            calls.append(1)
+
+    view = View()
+    st.retrain_set.subscribe(view.changed)
+    assert st.retrain_set.n_subscribers == 1
+    st.retrain_set.choose(["s labels"])  # another dock ticks generated pairs
+    assert calls == [1] and st.retrain_set.ticked() == ["s labels"]
+    st.retrain_set.choose("s labels")  # no change: no call
+    assert calls == [1]
+    assert dict((c.name, t) for c, t in st.retrain_set.rows(candidates))["s labels"] is True
+    del view
+    gc.collect()
+    assert st.retrain_set.n_subscribers == 0
+
+    assert st.phase2.generator is None and st.phase2.n_made == 0
+    st.phase2.set_generator({"kind": "generator"}, [np.zeros((4, 4))])
+    assert st.phase2.made(3) == 1 and st.phase2.made(2) == 4 and st.phase2.n_made == 5
+    pairs = layers.pairs_from_layers(viewer_layers, ["a labels", "orphan labels", "gone"])
+    assert [p.name for p in pairs] == ["'a labels' on 'a'"]
 
 
 def test_missing_default_model_says_what_to_do(monkeypatch, tmp_path):
     import napari_sagegan.engine.checkpoint as ckpt
 
     monkeypatch.setattr(ckpt, "default_model_path", lambda: tmp_path / "default.pt")
-    entry = _tasks.ModelStore().current
+    entry = state.ModelStore().current
     with pytest.raises(FileNotFoundError, match="Load model"):
         entry.check_available()
 
@@ -208,7 +262,7 @@ def test_missing_default_model_says_what_to_do(monkeypatch, tmp_path):
 def test_model_entry_save_round_trip(tiny_model, tmp_path):
     from napari_sagegan.engine.checkpoint import load_segmenter
 
-    store = _tasks.ModelStore()
+    store = state.ModelStore()
     entry = store.add_file(tiny_model)
     assert entry.name == "tiny.pt" and store.current is entry
     out = entry.save(tmp_path / "copy")  # the suffix is added
@@ -225,13 +279,13 @@ def test_model_entry_save_round_trip(tiny_model, tmp_path):
 def test_segment_images_counts_particles_with_progress(tiny_model):
     img, lab = disc_scene()
     stack = np.stack([img, disc_scene(seed=6)[0]])
-    entry = _tasks.ModelEntry("tiny", str(tiny_model))
+    entry = state.ModelEntry("tiny", str(tiny_model))
     inputs = [
-        _tasks.image_input(_layer("a", img, scale=(0.5, 0.5), translate=(10.0, 20.0))),
-        _tasks.image_input(_layer("z", stack, scale=(3.0, 0.5, 0.5))),
+        layers.image_input(_layer("a", img, scale=(0.5, 0.5), translate=(10.0, 20.0))),
+        layers.image_input(_layer("z", stack, scale=(3.0, 0.5, 0.5))),
     ]
     events, results = _drain(
-        _tasks.segment_images(entry, inputs, device="cpu", overrides={"tile_size": 64})
+        jobs.segment_layers(entry, inputs, device="cpu", infer={"tile_size": 64})
     )
     tiles = [e for e in events if e.stage == "tiles"]
     seg = entry.segmenter("cpu")
@@ -241,7 +295,10 @@ def test_segment_images_counts_particles_with_progress(tiny_model):
     # the model works at a network scale: each image is resampled to it, tiles cut to match
     factor = plan_a.factor
     per_slice = n_tiles((128, 128), max(8, round(64 / factor)), INFER.overlap, 1)
-    assert per_slice > 1 and n_a == per_slice and n_z == 2 * per_slice  # 1 image + 2 slices
+    # plus one step per rung of the network's particle-size ladder (once per image / stack)
+    rungs = seg.ladder_steps((128, 128), plan_a, config)
+    assert rungs > 0 and rungs == seg.ladder_steps((128, 128), plan_z, config)
+    assert per_slice > 1 and n_a == per_slice + rungs and n_z == 2 * per_slice + rungs
     steps = [e.step for e in tiles]  # one event per batch of tiles
     assert all(e.total == total for e in tiles) and steps[-1] == total
     assert all(b > a for a, b in zip(steps, steps[1:]))
@@ -256,13 +313,13 @@ def test_segment_images_counts_particles_with_progress(tiny_model):
     data, kwargs, kind = a.layer_data()[0]
     assert kind == "labels" and kwargs["scale"] == (0.5, 0.5)
     assert kwargs["translate"] == (10.0, 20.0)
-    assert kwargs["metadata"][_tasks.META_KEY]["digest"] == _tasks.labels_digest(data)
+    assert kwargs["metadata"][layers.META_KEY]["digest"] == layers.labels_digest(data)
     assert list(kwargs["features"]["index"]) == sorted(np.unique(a.labels)[1:].tolist())
 
 
 def test_segment_images_refuses_an_empty_request(tiny_model):
     with pytest.raises(ValueError, match="no image to segment"):
-        next(_tasks.segment_images(_tasks.ModelEntry("t", str(tiny_model)), []))
+        next(jobs.segment_layers(state.ModelEntry("t", str(tiny_model)), []))
 
 
 # --------------------------------------------------------------------------- fine-tuning
@@ -271,13 +328,13 @@ def test_segment_images_refuses_an_empty_request(tiny_model):
 def test_fine_tune_cancel_keeps_the_best_and_changes_the_weights(tiny_model):
     images, labels = toy_pairs(4, seed=3)
     pairs = [
-        _tasks.TrainingPair(f"p{i}", im, lab) for i, (im, lab) in enumerate(zip(images, labels))
+        layers.TrainingPair(f"p{i}", im, lab) for i, (im, lab) in enumerate(zip(images, labels))
     ]
     config = TrainConfig(
         patch_size=64, batch_size=2, epochs=50, steps_per_epoch=3, lr=3e-3, seed=0, augment_p=0.0
     )
-    base = _tasks.ModelEntry("tiny", str(tiny_model))
-    tune = _tasks.FineTune(base, pairs, config, device="cpu", threads=1)
+    base = state.ModelEntry("tiny", str(tiny_model))
+    tune = jobs.FineTune(base, pairs, config, device="cpu", threads=1)
     gen = tune.run()
     stages = [next(gen).stage for _ in range(3)]
     assert stages == ["prepare", "prepare", "train"]
@@ -298,7 +355,7 @@ def test_fine_tune_cancel_keeps_the_best_and_changes_the_weights(tiny_model):
     ]
     assert any(changed)
     # the result is a usable model
-    store = _tasks.ModelStore()
+    store = state.ModelStore()
     entry = store.add_tuned(ckpt)
     img, lab = disc_scene()
     _, res = _drain(entry.segmenter("cpu").segment(img))
@@ -308,14 +365,16 @@ def test_fine_tune_cancel_keeps_the_best_and_changes_the_weights(tiny_model):
 def test_extra_pairs_are_read_from_a_folder(tmp_path):
     import tifffile
 
+    from napari_sagegan.io.images import read_pairs
+
     img, lab = disc_scene()
     tifffile.imwrite(tmp_path / "a.tif", img)
     tifffile.imwrite(tmp_path / "a_mask.tif", (lab > 0).astype(np.uint8) * 255)  # binary mask
     tifffile.imwrite(tmp_path / "b.tif", img)  # no mask: skipped with a warning
     with pytest.warns(UserWarning, match="1 of 2 images"):
-        pairs = _tasks.folder_pairs(tmp_path)
+        pairs = read_pairs(tmp_path)
     assert [p.name for p in pairs] == ["a.tif"]
     assert np.array_equal(pairs[0].image, img)
     assert pairs[0].labels.max() == 8  # the binary mask became 8 particles
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        _tasks.folder_pairs(tmp_path / "missing")
+        read_pairs(tmp_path / "missing")

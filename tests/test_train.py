@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import disc_image
-from napari_sagegan.engine.checkpoint import load_checkpoint, save_checkpoint
+from napari_sagegan.engine.checkpoint import Checkpoint
 from napari_sagegan.engine.config import ArchConfig, InferConfig, TrainConfig
 from napari_sagegan.engine.infer.segment import Segmenter
 from napari_sagegan.engine.nets.attention_unet import AttentionUNet
@@ -59,7 +59,7 @@ def test_training_learns_a_toy_problem(tmp_path):
     assert best["f1@0.5"] > before["f1@0.5"] + 0.3
     assert best["f1@0.5"] >= 0.6 and best["dice"] >= 0.7
     # the checkpoint on disk holds the best model and reproduces its score
-    ckpt = load_checkpoint(tmp_path / "m.pt")
+    ckpt = Checkpoint.load(tmp_path / "m.pt")
     assert ckpt["metrics"]["f1@0.5"] == pytest.approx(best["f1@0.5"])
     seg = Segmenter.load(tmp_path / "m.pt", device="cpu")
     assert seg.default_infer_config() == INFER
@@ -135,7 +135,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
         infer=INFER,
     )
     list(t1.run())
-    saved = load_checkpoint(tmp_path / "m.pt")
+    saved = Checkpoint.load(tmp_path / "m.pt")
     t2 = SegmenterTrainer(
         images,
         labels,
@@ -162,7 +162,7 @@ def test_bad_training_input():
 
 def test_init_from_a_generator_checkpoint_is_refused(tmp_path):
     model = AttentionUNet(ARCH)
-    save_checkpoint(tmp_path / "g.pt", model, arch=ARCH, kind="generator")
+    Checkpoint.from_model(model, arch=ARCH, kind="generator").save(tmp_path / "g.pt")
     images, labels = toy_set(3)
     with pytest.raises(ValueError, match="'segmenter' model is needed"):
         SegmenterTrainer(images, labels, _config(), init=tmp_path / "g.pt")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import disc_image
-from napari_sagegan.engine.checkpoint import save_checkpoint
+from napari_sagegan.engine.checkpoint import Checkpoint
 from napari_sagegan.engine.config import preset
 from napari_sagegan.engine.nets.attention_unet import AttentionUNet
 
@@ -19,7 +19,7 @@ TIMEOUT = 120_000
 def tiny_seg(tmp_path):
     torch.manual_seed(0)
     arch = preset("tiny")
-    return save_checkpoint(tmp_path / "tiny.pt", AttentionUNet(arch), arch=arch)
+    return Checkpoint.from_model(AttentionUNet(arch), arch=arch).save(tmp_path / "tiny.pt")
 
 
 def make_augment(viewer, model_path):
@@ -65,7 +65,7 @@ def test_augment_trains_generates_and_feeds_retrain(make_napari_viewer, qtbot, t
     assert len(widget.plot.series["id_mask"]) >= 2 and widget.plot.series["d_img"]
     assert "SAGE-GAN preview" in viewer.layers
     assert viewer.layers["SAGE-GAN preview"].data.shape == (32, 32)
-    assert widget.gen_ckpt is not None and widget.generate_button.isEnabled()
+    assert widget.state.phase2.generator is not None and widget.generate_button.isEnabled()
 
     widget.n_spin.setValue(2)
     _wait(qtbot, widget, widget.start_generate())
@@ -91,10 +91,11 @@ def test_augment_trains_generates_and_feeds_retrain(make_napari_viewer, qtbot, t
 
 
 def test_no_pairs_is_a_clear_warning(make_napari_viewer, tiny_seg, monkeypatch):
-    from napari_sagegan.napari._qt import augment
+    from napari_sagegan.napari._qt import augment, common
 
     messages = []
     monkeypatch.setattr(augment, "notify_warning", messages.append)
+    monkeypatch.setattr(common, "notify_warning", messages.append)  # the shared pair checks
     viewer = make_napari_viewer()
     widget = make_augment(viewer, tiny_seg)
     assert widget.start_training() is None

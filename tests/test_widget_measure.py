@@ -130,7 +130,7 @@ def test_no_labels_layer_is_reported_not_raised(make_napari_viewer):
 def test_layer_pixel_size_from_scale_units():
     from napari.layers import Image
 
-    from napari_sagegan.napari._qt.measure import layer_pixel_size
+    from napari_sagegan.napari.layers import layer_pixel_size
 
     image = np.zeros((8, 8))
     assert layer_pixel_size(Image(image, scale=(0.5, 0.5), units=("um", "um"))) == pytest.approx(
@@ -154,7 +154,7 @@ def test_pixel_size_of_a_tiff_opened_by_napari_itself(make_napari_viewer, tmp_pa
     )
     plain = tmp_path / "plain.tif"
     tifffile.imwrite(plain, np.zeros((16, 16), np.uint8))
-    from napari_sagegan.napari._qt.measure import layer_pixel_size
+    from napari_sagegan.napari.layers import layer_pixel_size
 
     viewer = make_napari_viewer()
     (layer,) = viewer.open(str(path))

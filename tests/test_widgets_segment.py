@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from napari_sagegan.engine.analysis.metrics import evaluate_pair
-from napari_sagegan.napari import tasks as _tasks
+from napari_sagegan.napari.state import viewer_state
 from test_tasks import disc_scene, trained_checkpoint
 
 pytestmark = pytest.mark.gui
@@ -164,7 +164,7 @@ def test_bad_inputs_are_reported_not_crashed(make_napari_viewer, qtbot, messages
     bad = ckpt.Path(viewer.layers["good"].name)  # not a file
     assert widget.load_model(str(bad)) is False
     assert "cannot use this model" in messages()[-1][1].lower()
-    assert widget.store.current is _tasks.model_store(viewer).entries[0]
+    assert widget.store.current is viewer_state(viewer).models.entries[0]
 
 
 def test_closing_the_viewer_stops_the_worker(make_napari_viewer, qtbot, tiny_model):

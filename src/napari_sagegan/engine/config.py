@@ -1,14 +1,18 @@
-"""Frozen configuration dataclasses: architecture, training and inference.
+"""Frozen configuration dataclasses: architecture, training (phase 1 and 2) and inference.
 
 Each config converts to and from a plain dict of primitives (``to_dict`` / ``from_dict``) so
 that it can be stored inside a checkpoint and loaded with ``torch.load(weights_only=True)``.
-``from_dict`` rejects unknown keys with a ``ValueError`` naming the key.
+``from_dict`` rejects unknown keys with a ``ValueError`` naming the key. Configs compose:
+:class:`GanConfig` holds the :class:`TrainConfig` of the segmenter it trains (field
+``train``), so a training option is one field of :class:`TrainConfig` and reaches both
+phases; a nested config is a nested dict in ``to_dict`` / ``from_dict``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 C = TypeVar("C", bound="_Config")
@@ -16,10 +20,19 @@ C = TypeVar("C", bound="_Config")
 
 class _Config:
     def to_dict(self) -> dict[str, Any]:
+        """The config as a dict of primitives (nested configs as nested dicts)."""
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
     @classmethod
     def from_dict(cls: type[C], values: dict[str, Any]) -> C:
+        """Build the config from :meth:`to_dict`'s output.
+
+        Raises
+        ------
+        ValueError
+            ``values`` is not a dict, holds a key that is not a field (also inside a nested
+            config: the message names the key), or a value out of range.
+        """
         if not isinstance(values, dict):
             raise ValueError(f"{cls.__name__} expects a dict, got {type(values).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -28,10 +41,28 @@ class _Config:
             raise ValueError(
                 f"unknown {cls.__name__} key {unknown[0]!r}; known keys: {', '.join(sorted(names))}"
             )
+        values = dict(values)
+        for name, sub in _nested_fields(cls).items():
+            if isinstance(values.get(name), dict):
+                try:
+                    values[name] = sub.from_dict(values[name])
+                except ValueError as err:
+                    raise ValueError(f"{cls.__name__}.{name}: {err}") from None
         return cls(**values)
 
     def replace(self: C, **changes: Any) -> C:
+        """A copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def _nested_fields(cls: type) -> dict[str, type[_Config]]:
+    """The fields of ``cls`` whose type is itself a config."""
+    hints = typing.get_type_hints(cls)
+    return {
+        f.name: hints[f.name]
+        for f in dataclasses.fields(cls)
+        if isinstance(hints.get(f.name), type) and issubclass(hints[f.name], _Config)
+    }
 
 
 @dataclass(frozen=True)
@@ -194,6 +225,16 @@ class InferConfig(_Config):
         on the EMPS hold-out it lowered F1 with the models trained so far
         (docs/benchmarks.md, "Particle scale and polarity per image").
 
+    scale_search : bool
+        Find the particle size with the network (a ladder of scales scored by the network's
+        self-consistency, :mod:`~napari_sagegan.engine.infer.autoscale`), the classical
+        estimate being only a first guess; and, when the full pass disagrees with the size
+        found (too few particles, or particles far from the network scale), try the
+        next-best sizes before answering. Off: the classical estimate alone.
+    exclude_annotations : bool
+        Detect burned-in scale bars, their labels, panel letters and SEM data bars, and
+        remove the particles they would give (:mod:`~napari_sagegan.engine.infer.annotations`).
+
     ``tile_size`` and ``min_size`` are in network pixels when the image is resampled.
     """
 
@@ -209,6 +250,8 @@ class InferConfig(_Config):
     diameter: float | None = None
     auto_scale: bool = True
     refine_scale: bool = False
+    scale_search: bool = True
+    exclude_annotations: bool = True
 
     def __post_init__(self) -> None:
         if self.tile_size < 16:
@@ -224,3 +267,160 @@ class InferConfig(_Config):
                 f"diameter is the typical particle diameter in pixels and must be at least 1 "
                 f"(or None to estimate it), got {self.diameter}"
             )
+
+
+#: The offline perceptual terms phase 2 knows.
+PERCEPTUAL = ("ssim", "none")
+
+
+def _gan_train_defaults() -> TrainConfig:
+    return TrainConfig(patch_size=256, batch_size=2, epochs=200)
+
+
+@dataclass(frozen=True)
+class GanConfig(_Config):
+    """How to train phase 2 (segmenter + generator in a CycleGAN).
+
+    The segmenter's training options (patch size, batch size, lr, epochs, budget, seed,
+    segmentation loss and its parameters, weight decay, sampling, validation) are the
+    :class:`TrainConfig` in ``train``; the fields here are phase 2's own. Defaults are the
+    authors' (SAGE-GAN weights, freeze 30 epochs, mix ratio +0.005 per epoch up to 0.6,
+    selection after epoch 39, Adam lr 1e-4, 256 px patches, batches of 2, 200 epochs). An
+    "epoch" is ``train.steps_per_epoch`` iterations (0: one pass over the training images'
+    area). Short CPU runs should shorten the schedule with it: see :meth:`short`.
+
+    Attributes
+    ----------
+    train : TrainConfig
+        The segmenter's training options (``loss``, ``focal_*``, ``tversky_*``,
+        ``dist_weight`` define ``L_seg``; ``weight_decay`` applies to the segmenter's
+        parameters; ``target_diameter`` is replaced by the phase-1 model's network scale).
+        Phase 2 draws its real pairs with geometric augmentation only and no zoom jitter, so
+        ``invert`` and ``scale_jitter`` are recorded in the segmenter's checkpoint but not
+        applied; its lr has no plateau schedule.
+    beta1, beta2 : float
+        Adam betas of all optimisers.
+    w_rec_mask, w_id_mask, w_p, w_rec_l1, w_id_l1, w_adv_img, w_adv_mask : float
+        Loss weights (SAGE-GAN: 200, 100, 100, 50, 25, 1, 1; cGAN-Seg: 100, 50, 100, ...).
+    freeze_epochs : int
+        Epochs during which G does not move.
+    mix_start, mix_step, mix_max : float
+        Probability of the synthetic-pair term: ``min(mix_max, mix_start + mix_step * (e-1))``
+        in epoch ``e`` (1-based).
+    select_after : int
+        Epochs before a checkpoint may replace the best one.
+    perceptual : {"ssim", "none"}
+        Offline perceptual term ``P`` (multi-scale ``1 - SSIM``).
+    style_mixing : float
+        Probability of mixing two latents while training G.
+    diffaug_p : float
+        Probability of each DiffAugment operation.
+    preview_every : int
+        A ``preview`` event (a generated image) every this many steps (0: never).
+    gen_base_channels, gen_depth, z_dim : int
+        Generator architecture.
+    disc_base_channels : int
+        Discriminator width.
+    disc_attention : bool
+        Linear-attention block in the discriminators.
+    """
+
+    train: TrainConfig = field(default_factory=_gan_train_defaults)
+    beta1: float = 0.5
+    beta2: float = 0.999
+    w_rec_mask: float = 200.0
+    w_id_mask: float = 100.0
+    w_p: float = 100.0
+    w_rec_l1: float = 50.0
+    w_id_l1: float = 25.0
+    w_adv_img: float = 1.0
+    w_adv_mask: float = 1.0
+    freeze_epochs: int = 30
+    mix_start: float = 0.0
+    mix_step: float = 0.005
+    mix_max: float = 0.6
+    select_after: int = 39
+    perceptual: str = "ssim"
+    style_mixing: float = 0.9
+    diffaug_p: float = 0.2
+    preview_every: int = 20
+    gen_base_channels: int = 16
+    gen_depth: int = 4
+    z_dim: int = 128
+    disc_base_channels: int = 32
+    disc_attention: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.train, TrainConfig):
+            raise ValueError(f"GanConfig.train must be a TrainConfig, got {self.train!r}")
+        if self.perceptual not in PERCEPTUAL:
+            raise ValueError(f"perceptual must be one of {PERCEPTUAL}, got {self.perceptual!r}")
+        if self.train.patch_size < 32:
+            raise ValueError(f"patch_size must be at least 32 pixels, got {self.train.patch_size}")
+        for name in ("mix_start", "mix_max", "style_mixing", "diffaug_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.train.augment_p <= 1.0:
+            raise ValueError(f"augment_p must be in [0, 1], got {self.train.augment_p}")
+        if self.mix_step < 0 or self.freeze_epochs < 0 or self.select_after < 0:
+            raise ValueError("mix_step, freeze_epochs and select_after must not be negative")
+
+    def replace(self, **changes: Any) -> GanConfig:
+        """A copy with ``changes`` applied; a :class:`TrainConfig` field name (``epochs``,
+        ``patch_size``, ``max_minutes``, ...) changes ``train``."""
+        own, train = _route(changes)
+        base = own.pop("train", self.train)
+        if train:
+            base = base.replace(**train)
+        return dataclasses.replace(self, train=base, **own)
+
+    @classmethod
+    def short(cls, **changes: Any) -> GanConfig:
+        """A schedule for minutes-long CPU runs: 20-step epochs, G frozen for 2 epochs, the
+        mix ratio growing by 0.1 per epoch (to 0.6), selection from the first epoch, patches
+        of 128 px. The loss weights stay the authors'. ``changes`` as in :meth:`replace`."""
+        base: dict[str, Any] = dict(
+            patch_size=128,
+            steps_per_epoch=20,
+            freeze_epochs=2,
+            mix_step=0.1,
+            select_after=0,
+            preview_every=10,
+        )
+        base.update(changes)
+        return cls().replace(**base)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> GanConfig:
+        """As :meth:`_Config.from_dict`; also reads the flat dicts of earlier versions (the
+        ``gan_state.pt`` / ``generator.pt`` files of napari-sagegan <= 0.1), in which the
+        segmenter's options sat beside phase 2's and the loss was called ``seg_loss``."""
+        if isinstance(values, dict) and "train" not in values:
+            values = dict(values)
+            if "seg_loss" in values:
+                values["loss"] = values.pop("seg_loss")
+            own, train = _route(values)
+            if train:
+                own["train"] = _gan_train_defaults().replace(**train).to_dict()
+            values = own
+        return super().from_dict(values)
+
+    def mix_ratio(self, epoch: int) -> float:
+        """Probability of the synthetic-pair term in (1-based) ``epoch``."""
+        return float(min(self.mix_max, self.mix_start + self.mix_step * max(epoch - 1, 0)))
+
+
+def _route(changes: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split ``changes`` into GanConfig fields and TrainConfig fields (unknown names raise)."""
+    gan = {f.name for f in dataclasses.fields(GanConfig)}
+    train = {f.name for f in dataclasses.fields(TrainConfig)}
+    own, nested = {}, {}
+    for key, value in changes.items():
+        if key in gan:
+            own[key] = value
+        elif key in train:
+            nested[key] = value
+        else:
+            known = ", ".join(sorted(gan | train))
+            raise ValueError(f"unknown GanConfig key {key!r}; known keys: {known}")
+    return own, nested

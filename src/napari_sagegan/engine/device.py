@@ -1,6 +1,10 @@
-"""Device choice: ``auto | cpu | cuda | mps``, resolved once and shown to the user."""
+"""Device choice: ``auto | cpu | cuda | mps``, resolved once and shown to the user; and how
+many CPU threads torch may use beside a GUI (:func:`gui_threads`, :func:`torch_threads`)."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -46,3 +50,31 @@ def describe_device(device: torch.device) -> str:
         n = torch.get_num_threads()
         return f"cpu ({n} thread{'s' if n != 1 else ''})"
     return device.type
+
+
+def gui_threads() -> int:
+    """Torch threads for work running beside a GUI's event loop: all cores but one.
+
+    On a 2-core laptop that is 1 thread, which leaves a core to the event loop.
+    """
+    import os
+
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) - 1))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Limit torch's intra-op threads to ``n`` while the block runs (``None``: unchanged).
+
+    Used while a viewer is open (see :func:`gui_threads`): one compute thread on a 2-core
+    laptop leaves the other core to the event loop, which keeps the GUI responsive.
+    """
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -20,6 +20,7 @@ SER            FEI TIA calibration (rosettasciio)                    ``ser``
 MRC / MRCS     voxel size in Å (mrcfile)                             ``mrc``
 =============  ====================================================  ==========
 
+:mod:`napari_sagegan.io.pixel_size` decides which file or value gives an image's pixel size.
 A TIFF is searched in that order (instrument tags first: they are written at acquisition).
 Other resolution tags are ignored: nearly every program writes 72 dots per inch there, which
 says nothing about the specimen; hence also the 10 µm bound on centimetre resolutions. A file without a usable calibration (none
@@ -40,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from napari_sagegan.io.images import existing_file, read_image
 
 #: Suffixes handled by a dedicated EM reader (rosettasciio or mrcfile), lower case.
 EM_SUFFIXES = (".dm3", ".dm4", ".emd", ".ser", ".mrc", ".mrcs")
@@ -128,15 +131,6 @@ def _check_square(x_nm: float | None, y_nm: float | None, path: Path) -> None:
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _existing_file(path: str | os.PathLike) -> Path:
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"{p} does not exist: check the path and the file name")
-    if p.is_dir():
-        raise ValueError(f"{p} is a folder, not an image file")
-    return p
 
 
 # --------------------------------------------------------------------------- TIFF
@@ -233,7 +227,7 @@ def tiff_pixel_size(path: str | os.PathLike) -> dict[str, Any]:
     """
     import tifffile
 
-    p = _existing_file(path)
+    p = existing_file(path)
     try:
         with tifffile.TiffFile(p) as tif:
             if not tif.pages:
@@ -378,30 +372,13 @@ def read_em(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
         Unreadable, truncated or damaged file, colour or complex data, no 2-D image in it,
         or a reader library missing.
     """
-    p = _existing_file(path)
+    p = existing_file(path)
     suffix = p.suffix.lower()
     if suffix in (".mrc", ".mrcs"):
         return _read_mrc(p)
     if suffix in _SOURCE_OF_SUFFIX:
         return _read_rsciio(p, _SOURCE_OF_SUFFIX[suffix])
-    from napari_sagegan.io.images import read_image
-
     data = read_image(p)
     if suffix in TIFF_SUFFIXES:
         return data, tiff_pixel_size(p)
     return data, _meta(None, "none")
-
-
-def read_pixel_size(path: str | os.PathLike) -> dict[str, Any]:
-    """Pixel size of an image file (as ``meta`` of :func:`read_em`).
-
-    A TIFF's header alone is read; an EM file is read whole (its readers have no
-    header-only mode); other image types have no pixel size.
-    """
-    p = _existing_file(path)
-    suffix = p.suffix.lower()
-    if suffix in TIFF_SUFFIXES:
-        return tiff_pixel_size(p)
-    if suffix in EM_SUFFIXES:
-        return read_em(p)[1]
-    return _meta(None, "none")

@@ -1,14 +1,15 @@
-"""Write label images that Fiji/ImageJ opens with their pixel size, and particle tables.
+"""The one label-TIFF writer (Fiji/ImageJ opens the files with their pixel size), and the
+napari particle features table.
 
-Qt-free and torch-free: the napari writer contribution, the "export all labels" button and
-scripts use it.
+Qt-free and torch-free: ``sagegan segment``, ``augment`` and ``generate``, the napari writer
+contribution, the "export all labels" button and scripts use it.
 
 - :func:`write_labels_tiff` writes instance labels as uint16 (uint32 when there are more
   than 65535 ids) with the pixel size and its unit, written the way ImageJ reads them
   (``XResolution`` / ``YResolution`` in pixels per unit, ``unit=`` and ``spacing=`` in the
   ImageJ description). The file is written to a temporary name and renamed, so a failure
   never leaves a half-written file.
-- :func:`read_pixel_size` reads the pixel size back (used by the tests and handy in scripts).
+- :func:`read_labels_scale` reads the scale and unit back (the writer's inverse).
 - :func:`particle_table` measures each particle (area, equivalent diameter, centroid) in
   pixels and, when the pixel size is known, in physical units.
 """
@@ -194,10 +195,12 @@ def write_labels_tiff(
     return path
 
 
-def read_pixel_size(path: str | os.PathLike) -> tuple[tuple[float, float], str | None]:
-    """Read the ``(y, x)`` pixel size and its unit from a TIFF written by ImageJ or here.
+def read_labels_scale(path: str | os.PathLike) -> tuple[tuple[float, float], str | None]:
+    """The ``(y, x)`` scale and its unit as :func:`write_labels_tiff` wrote them.
 
-    Returns ``((1.0, 1.0), None)`` for an uncalibrated file.
+    The inverse of the writer, in the file's own unit (a napari layer's round trip);
+    ``((1.0, 1.0), None)`` for an uncalibrated file. For an image's pixel size in nm, use
+    :func:`napari_sagegan.io.pixel_size.read_pixel_size`.
     """
     import tifffile
 

@@ -1,4 +1,4 @@
-"""Read micrographs and label images, pair them by name, write label TIFFs.
+"""Read micrographs and label images, and pair them by name.
 
 Qt-free and torch-free: the ``sagegan`` command line and training on folders use it.
 
@@ -16,11 +16,10 @@ Conventions
 
 from __future__ import annotations
 
-import contextlib
 import os
-import uuid
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,15 +34,14 @@ _JPEG_SUFFIXES = (".jpg", ".jpeg")
 _JPEG_TOLERANCE = 2
 #: A mask matches an image whose stem is the mask's stem minus one of these endings.
 _MASK_STEM_SUFFIXES = ("", "_mask", "_masks", "_label", "_labels")
-_UINT16_MAX = 65535
-_UINT32_MAX = 2**32 - 1
 _INT32_MAX = 2**31 - 1
 
 
 # --------------------------------------------------------------------------- reading
 
 
-def _existing_file(path: str | os.PathLike) -> Path:
+def existing_file(path: str | os.PathLike) -> Path:
+    """``path`` as a ``Path`` when it is an existing file; a clear error otherwise."""
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist: check the path and the file name")
@@ -118,7 +116,7 @@ def _single_channel(data: np.ndarray, colour: bool, path: Path, what: str) -> np
 
 
 def _read_array(path: str | os.PathLike, what: str) -> np.ndarray:
-    p = _existing_file(path)
+    p = existing_file(path)
     is_tiff = p.suffix.lower() in _TIFF_SUFFIXES
     try:
         data, stored, has_samples, colour = _load_tiff(p) if is_tiff else _load_other(p)
@@ -146,7 +144,7 @@ def probe_image(path: str | os.PathLike) -> tuple[int, ...]:
     FileNotFoundError, ValueError
         As :func:`read_image`, for what a header can tell.
     """
-    p = _existing_file(path)
+    p = existing_file(path)
     try:
         if p.suffix.lower() in _TIFF_SUFFIXES:
             import tifffile
@@ -281,6 +279,19 @@ def read_labels(path: str | os.PathLike) -> np.ndarray:
     """
     p = Path(path).expanduser()
     return as_instance_labels(_read_array(p, "mask"), source=str(p))
+
+
+def read_label_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a label image or a TIFF stack of them: ``(Y, X)`` or ``(Z, Y, X)`` int32.
+
+    Each slice is read as by :func:`read_labels` (a binary mask becomes its 4-connected
+    components, slice by slice).
+    """
+    p = Path(path).expanduser()
+    data = _read_array(p, "mask")
+    if data.ndim == 2:
+        return as_instance_labels(data, source=str(p))
+    return np.stack([as_instance_labels(s, source=f"{p} slice {z}") for z, s in enumerate(data)])
 
 
 # --------------------------------------------------------------------------- listing
@@ -447,60 +458,36 @@ def list_images(
     return out
 
 
-# --------------------------------------------------------------------------- writing
+@dataclass
+class Pair:
+    """An image and its instance labels, ``(Y, X)`` or ``(Z, Y, X)``, with a name."""
+
+    name: str
+    image: np.ndarray
+    labels: np.ndarray
 
 
-def write_labels_tif(path: str | os.PathLike, labels: np.ndarray) -> None:
-    """Write an instance label image as a zlib-compressed TIFF, atomically.
+def read_pairs(
+    images_dir: str | os.PathLike, masks_dir: str | os.PathLike | None = None
+) -> list[Pair]:
+    """Read the (image, mask) pairs of two folders (masks beside the images by default).
 
-    The data go to a temporary file in the destination folder which is then renamed over
-    ``path``; if anything fails the temporary file is removed and ``path`` is untouched.
-    Labels up to 65535 are written as uint16 with ImageJ metadata (Fiji opens them as a
-    16-bit image or stack); larger ids as a plain uint32 TIFF (ImageJ has no uint32 type).
-    The destination folder is created if needed.
-
-    Parameters
-    ----------
-    path : str or PathLike
-        Destination ``.tif`` file.
-    labels : numpy.ndarray
-        ``(Y, X)`` or ``(Z, Y, X)`` non-negative integer (or boolean) labels.
+    Files are paired by :func:`find_pairs`; each mask is read with :func:`read_label_image`
+    and must match its image pixel for pixel.
 
     Raises
     ------
-    ValueError
-        Labels are not integers, not 2-D/3-D, empty, negative or above 2**32 - 1.
+    FileNotFoundError, ValueError
+        As :func:`find_pairs` and the readers; a mask whose shape differs from its image's.
     """
-    import tifffile
-
-    labels = np.asarray(labels)
-    if labels.dtype == bool:
-        labels = labels.astype(np.uint8)
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
-    if labels.ndim not in (2, 3) or labels.size == 0:
-        raise ValueError(
-            f"labels must be a non-empty (Y, X) or (Z, Y, X) array, got {labels.shape}"
-        )
-    if labels.min() < 0:
-        raise ValueError("labels must not be negative")
-    vmax = int(labels.max())
-    if vmax > _UINT32_MAX:
-        raise ValueError(f"label ids up to {_UINT32_MAX} can be written, got {vmax}")
-    imagej = vmax <= _UINT16_MAX
-    data = labels.astype(np.uint16 if imagej else np.uint32, copy=False)
-
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        if imagej:
-            axes = "ZYX" if data.ndim == 3 else "YX"
-            tifffile.imwrite(tmp, data, imagej=True, metadata={"axes": axes}, compression="zlib")
-        else:
-            tifffile.imwrite(tmp, data, photometric="minisblack", compression="zlib")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    out = []
+    for img_path, mask_path in find_pairs(images_dir, masks_dir or images_dir):
+        image = read_image(img_path)
+        mask = read_label_image(mask_path)
+        if mask.shape != image.shape:
+            raise ValueError(
+                f"{mask_path.name} has shape {mask.shape} but its image {img_path.name} has "
+                f"shape {image.shape}; a mask must match its image pixel for pixel"
+            )
+        out.append(Pair(img_path.name, image, mask))
+    return out

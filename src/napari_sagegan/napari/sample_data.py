@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from napari_sagegan.napari.tasks import META_KEY
+from napari_sagegan.napari.layers import META_KEY
 
 #: Side of the 2-D samples, pixels.
 SIZE = 512

@@ -1,10 +1,17 @@
 """Progress events yielded by the engine's long-running generators.
 
 Every long computation in the engine (training, tiled inference, batch segmentation) is a
-generator that yields :class:`Progress` events and *returns* its result (read it from
-``StopIteration.value`` or with :func:`run_to_end`). A caller cancels by simply not asking
-for the next event and calling ``close()`` on the generator: the engine cleans up in
-``finally`` blocks, so cancelling between two events is always safe.
+generator that yields :class:`Progress` events and *returns* its result. Nobody writes the
+``next()`` / ``StopIteration`` loop by hand; there are two helpers:
+
+- :func:`run_to_end` drives a generator to its end (a command line, a test, a script) and
+  returns its result, calling a callback with every event;
+- :func:`relay` passes a generator's events on from inside another generator, optionally
+  rewritten (``result = yield from relay(gen, map_event)``).
+
+A caller cancels by simply not asking for the next event and calling ``close()`` on the
+generator: the engine cleans up in ``finally`` blocks, so cancelling between two events is
+always safe. Both helpers close the generator they drive when they stop early.
 """
 
 from __future__ import annotations
@@ -76,11 +83,50 @@ def run_to_end(
         An engine generator yielding :class:`Progress`.
     callback : callable, optional
         Called with every event (e.g. to print progress).
+
+    Returns
+    -------
+    object
+        The generator's return value. An exception (or Ctrl-C) in the generator or in the
+        callback propagates, and the generator is closed first.
     """
-    while True:
-        try:
-            event = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if callback is not None:
-            callback(event)
+    box: list[T] = []
+
+    def collect() -> Generator[Progress, None, None]:
+        box.append((yield from relay(gen)))
+
+    events = collect()
+    try:
+        for event in events:
+            if callback is not None:
+                callback(event)
+    finally:
+        events.close()
+    return box[0]
+
+
+def relay(
+    gen: Generator[Progress, None, T], map_event: Callable[[Progress], Progress] | None = None
+) -> Generator[Progress, None, T]:
+    """Pass on the events of ``gen``, rewritten by ``map_event``; return its result.
+
+    Use as ``result = yield from relay(gen, map_event)`` inside another progress generator,
+    e.g. to turn one image's tile counts into counts over a whole batch. Closing the outer
+    generator closes ``gen``.
+
+    Parameters
+    ----------
+    gen : generator
+        A generator yielding :class:`Progress` and returning a result.
+    map_event : callable, optional
+        ``Progress -> Progress``; ``None`` passes the events on unchanged.
+    """
+    try:
+        while True:
+            try:
+                event = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            yield map_event(event) if map_event is not None else event
+    finally:
+        gen.close()

@@ -1,147 +1,70 @@
-"""Training data: intensity normalisation, per-instance targets and a patch sampler.
+"""Training pairs: checked, split and rescaled once to the network scale, with their targets.
 
-NumPy only at import; torch is imported inside :meth:`PatchSampler.sample`.
-
-The network sees one grayscale channel in ``[-1, 1]`` (method.md). EM images often use a
-handful of grey levels or 16 bits, so each image is stretched between robust percentiles
-(:func:`robust_range`, :func:`apply_range`) computed on a strided subsample: the same code
-works on a numpy array, a ``np.memmap`` or a dask array without reading it whole.
+A training set is a list of 2-D micrographs and their instance label maps.
+:func:`prepare_pairs` checks them (:func:`check_pairs`), splits off a seeded validation
+set (:func:`split_indices`) and returns :class:`TrainingPairs`, whose
+:meth:`~TrainingPairs.at_scale` resamples every pair once so that its particles' median
+diameter is the model's network scale. Both trainers start from there.
 
 Targets (:func:`instance_targets`) are the foreground mask and a boundary-aware distance map
 that peaks at 1 in the middle of every particle and falls to 0 where two particles touch; the
-post-processing splits touching particles on its valleys.
+post-processing splits touching particles on its valleys. NumPy / SciPy / scikit-image only.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
-from napari_sagegan.engine.data.augment import augment_sample
-
-if TYPE_CHECKING:
-    import torch
-
 __all__ = [
-    "PatchSampler",
-    "apply_range",
+    "TrainingPairs",
+    "check_pairs",
     "instance_targets",
-    "normalize",
-    "robust_range",
+    "prepare_pairs",
     "split_indices",
 ]
 
 
-# --------------------------------------------------------------------------- intensities
+# --------------------------------------------------------------------------- checks
 
 
-def _strided_sample(image: Any, max_samples: int) -> np.ndarray:
-    """Read at most ``max_samples`` pixels on a regular grid (same stride on every axis)."""
-    shape = tuple(int(n) for n in image.shape)
-    n = math.prod(shape)
-    if n <= max_samples:
-        return np.asarray(image)
-    stride = max(1, math.ceil((n / max_samples) ** (1.0 / len(shape))))
-    while math.prod(math.ceil(s / stride) for s in shape) > max_samples:
-        stride += 1
-    return np.asarray(image[(slice(None, None, stride),) * len(shape)])
-
-
-def robust_range(
-    image: Any,
-    *,
-    low: float = 0.5,
-    high: float = 99.8,
-    max_samples: int = 2_000_000,
-) -> tuple[float, float]:
-    """Intensity range between two percentiles, estimated from a strided subsample.
+def check_pairs(images: Sequence[Any], labels: Sequence[Any], *, what: str = "training") -> None:
+    """Check that image/mask pairs can be trained on.
 
     Parameters
     ----------
-    image : array-like
-        Any shape and dtype: numpy array, ``np.memmap``, dask array (anything sliceable with
-        steps and accepted by ``np.asarray``). Only a regular grid of at most
-        ``max_samples`` pixels is read. NaN and infinite values are ignored.
-    low, high : float
-        Percentiles, ``0 <= low < high <= 100``.
-    max_samples : int
-        Most pixels read.
-
-    Returns
-    -------
-    (float, float)
-        ``(lo, hi)`` with ``lo < hi``, in the image's grey levels. When the two percentiles
-        coincide (an image with very few grey levels) the sample's min and max are used; a
-        constant image with value ``v`` gives ``(v, v + 1)`` (it normalises to -1).
+    images, labels : sequences of array-like
+        ``(Y, X)`` micrographs and their label maps, one each.
+    what : str
+        Names the set in the messages (``"training"``, ``"validation"``).
 
     Raises
     ------
     ValueError
-        Bad percentiles, an empty image, or no finite value.
+        Not one mask per image, no pair, an image that is not 2-D, a mask whose shape
+        differs from its image, or masks without any particle.
     """
-    if not 0.0 <= low < high <= 100.0:
-        raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {low}, {high}")
-    if max_samples < 1:
-        raise ValueError(f"max_samples must be at least 1, got {max_samples}")
-    if math.prod(image.shape) == 0:
-        raise ValueError(f"the image is empty (shape {tuple(image.shape)})")
-    sample = _strided_sample(image, max_samples).astype(np.float64, copy=False).ravel()
-    if not np.all(np.isfinite(sample)):
-        sample = sample[np.isfinite(sample)]
-        if sample.size == 0:
-            raise ValueError("the image holds no finite value (all NaN or infinite)")
-    lo, hi = (float(v) for v in np.percentile(sample, [low, high]))
-    if hi <= lo:
-        lo, hi = float(sample.min()), float(sample.max())
-    if hi <= lo:
-        hi = lo + 1.0
-    return lo, hi
-
-
-def apply_range(image: Any, lo: float, hi: float) -> np.ndarray:
-    """Map grey level ``lo`` to -1 and ``hi`` to +1, linearly, clipping outside.
-
-    Parameters
-    ----------
-    image : array-like
-        Any shape and dtype.
-    lo, hi : float
-        Grey levels mapped to -1 and +1, ``lo < hi`` (see :func:`robust_range`).
-
-    Returns
-    -------
-    numpy.ndarray
-        float32, same shape, values in ``[-1, 1]``.
-    """
-    if not hi > lo:
-        raise ValueError(f"the intensity range needs lo < hi, got lo={lo}, hi={hi}")
-    out = np.asarray(image, dtype=np.float32) - np.float32(lo)  # new array: safe to edit
-    out *= np.float32(2.0 / (hi - lo))
-    out -= np.float32(1.0)
-    return np.clip(out, -1.0, 1.0, out=out)
-
-
-def normalize(image: Any) -> np.ndarray:
-    """Robustly stretch a whole image to ``[-1, 1]``.
-
-    ``apply_range(image, *robust_range(image))``: the 0.5th and 99.8th percentiles map to
-    -1 and +1.
-
-    Parameters
-    ----------
-    image : array-like
-        ``(Y, X)`` micrograph, any dtype.
-
-    Returns
-    -------
-    numpy.ndarray
-        float32 ``(Y, X)`` in ``[-1, 1]``.
-    """
-    lo, hi = robust_range(image)
-    return apply_range(image, lo, hi)
+    if len(images) != len(labels):
+        raise ValueError(f"got {len(images)} images but {len(labels)} label images")
+    if len(images) == 0:
+        raise ValueError(f"no image/mask pairs to train on ({what} set)")
+    for i, (im, lab) in enumerate(zip(images, labels)):
+        if np.ndim(im) != 2:
+            raise ValueError(f"{what} image {i} must be 2-D (Y, X), got shape {np.shape(im)}")
+        if np.shape(im) != np.shape(lab):
+            raise ValueError(
+                f"{what} pair {i}: image shape {np.shape(im)} differs from mask shape "
+                f"{np.shape(lab)}; masks must match their images pixel for pixel"
+            )
+    if not any(np.any(np.asarray(lab) > 0) for lab in labels):
+        raise ValueError(
+            "the masks contain no particles (every pixel is background); label at least a few "
+            "particles before training"
+        )
 
 
 # --------------------------------------------------------------------------- targets
@@ -284,243 +207,110 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(order[n_val:]).astype(np.int64), np.sort(order[:n_val]).astype(np.int64)
 
 
-# --------------------------------------------------------------------------- sampler
+# --------------------------------------------------------------------------- prepared pairs
 
 
-def _clamp_start(start: int, length: int, window: int) -> int:
-    """Clamp a window's start inside ``[0, length - window]`` (centred when it is longer)."""
-    if window >= length:
-        return (length - window) // 2
-    return min(max(start, 0), length - window)
+@dataclass(frozen=True)
+class TrainingPairs:
+    """Checked image/mask pairs, split into training and validation sets.
+
+    Attributes
+    ----------
+    train_images, train_labels : list of numpy.ndarray
+        ``(Y, X)`` training micrographs and their label maps.
+    val_images, val_labels : list of array-like
+        The validation pairs (may be empty).
+    target_diameter : float or None
+        The network scale the pairs were resampled to by :meth:`at_scale` (particle
+        diameter, network pixels); ``None``: the images' own scale.
+    """
+
+    train_images: list[np.ndarray]
+    train_labels: list[np.ndarray]
+    val_images: list[Any]
+    val_labels: list[Any]
+    target_diameter: float | None = None
+
+    def at_scale(self, target_diameter: float | None) -> TrainingPairs:
+        """The pairs resampled so that each one's particles have a median diameter of
+        ``target_diameter`` pixels (``None``: unchanged). An image without particles is
+        resampled by the diameter inference would estimate on it, so empty fields are seen
+        as they will be met."""
+        if not target_diameter:
+            return replace(self, target_diameter=None)
+        train = _to_scale(self.train_images, self.train_labels, target_diameter)
+        val = _to_scale(self.val_images, self.val_labels, target_diameter)
+        return TrainingPairs(*train, *val, target_diameter=float(target_diameter))
 
 
-def _random_start(rng: np.random.Generator, length: int, window: int) -> int:
-    if window >= length:
-        return (length - window) // 2
-    return int(rng.integers(length - window + 1))
+def _to_scale(
+    images: Sequence[Any], labels: Sequence[Any], target: float
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    from napari_sagegan.engine.infer.scale import (
+        estimate_diameter,
+        median_diameter,
+        rescale_pair,
+        scale_factor,
+    )
+
+    out_i, out_l = [], []
+    for image, lab in zip(images, labels):
+        image, lab = np.asarray(image), np.asarray(lab)
+        diameter = median_diameter(lab, min_area=4)
+        if diameter is None:
+            diameter = estimate_diameter(image)
+        factor = scale_factor(diameter, target)
+        if abs(factor - 1.0) > 1e-3:
+            image, lab = rescale_pair(image.astype(np.float32), lab, factor)
+        out_i.append(image)
+        out_l.append(lab)
+    return out_i, out_l
 
 
-class PatchSampler:
-    """Random training patches from whole images, with targets and augmentation.
-
-    Each image is normalised once (:func:`normalize`) and its targets computed once
-    (:func:`instance_targets`). A patch comes from an image drawn with probability
-    proportional to its area (so small images are not over-sampled); with probability
-    ``fg_bias`` it is centred on a random particle pixel, otherwise placed uniformly. Images
-    smaller than the patch are padded with their median grey (targets with background), so
-    the padding never looks like an unlabelled particle. All randomness comes from the
-    sampler's own ``np.random.Generator``: the same seed gives the same batches.
+def prepare_pairs(
+    images: Sequence[Any],
+    labels: Sequence[Any],
+    *,
+    val_fraction: float,
+    seed: int,
+    val_images: Sequence[Any] | None = None,
+    val_labels: Sequence[Any] | None = None,
+) -> TrainingPairs:
+    """Check the pairs and split off the validation set.
 
     Parameters
     ----------
-    images : list of numpy.ndarray
-        ``(Y, X)`` raw micrographs, any dtype.
-    labels : list of numpy.ndarray
-        ``(Y, X)`` instance label maps, one per image, same shape.
-    patch_size : int
-        Side ``P`` of the square patches, pixels.
-    fg_bias : float
-        Probability that a patch is centred on a particle pixel.
-    augment_ops : sequence of str, optional
-        Which augmentations to draw from (default: all of
-        :data:`~napari_sagegan.engine.data.augment.AUGMENTATIONS`).
-    augment_p : float
-        Probability of each augmentation (:func:`~napari_sagegan.engine.data.augment.augment_sample`);
-        0 disables augmentation.
-    min_area : int
-        Particles smaller than this (pixels) are removed from the targets.
+    images, labels : sequences of array-like
+        ``(Y, X)`` micrographs (any dtype) and their instance (or binary) label maps.
+    val_fraction : float
+        Fraction held out for validation when no explicit validation set is given.
     seed : int
-        Seed of the sampler's random generator.
-    scale_jitter : float
-        Each patch is zoomed by a factor drawn log-uniformly from
-        ``[1 / scale_jitter, scale_jitter]``: a window of ``P / zoom`` pixels is cut and
-        resampled to ``P`` (image bilinear, anti-aliased when shrinking; particle mask
-        nearest; distance bilinear). 1 disables it.
+        Seed of the split.
+    val_images, val_labels : sequences, optional
+        An explicit validation set (then every pair trains).
+
+    Returns
+    -------
+    TrainingPairs
+        At the images' own scale; call :meth:`TrainingPairs.at_scale` to resample.
+
+    Raises
+    ------
+    ValueError
+        Pairs that cannot be trained on (:func:`check_pairs`), or a training split without
+        any particle.
     """
-
-    #: Most candidate patch centres kept per image (see ``_centres``).
-    MAX_CENTRES = 65_536
-
-    def __init__(
-        self,
-        images: list[np.ndarray],
-        labels: list[np.ndarray],
-        *,
-        patch_size: int,
-        fg_bias: float = 0.7,
-        augment_p: float = 0.5,
-        augment_ops: Sequence[str] | None = None,
-        min_area: int = 15,
-        seed: int = 0,
-        scale_jitter: float = 1.0,
-    ) -> None:
-        if len(images) != len(labels):
-            raise ValueError(f"got {len(images)} images but {len(labels)} masks: give one each")
-        if not images:
-            raise ValueError("no image/mask pairs: give at least one image with its mask")
-        if int(patch_size) < 1:
-            raise ValueError(f"patch_size must be a positive number of pixels, got {patch_size}")
-        if not 0.0 <= fg_bias <= 1.0:
-            raise ValueError(f"fg_bias must be in [0, 1], got {fg_bias}")
-        if not 0.0 <= augment_p <= 1.0:
-            raise ValueError(f"augment_p must be in [0, 1], got {augment_p}")
-        if not 1.0 <= scale_jitter <= 4.0:
-            raise ValueError(f"scale_jitter must be in [1, 4], got {scale_jitter}")
-        self.scale_jitter = float(scale_jitter)
-        self.patch_size = int(patch_size)
-        self.fg_bias = float(fg_bias)
-        self.augment_p = float(augment_p)
-        self.augment_ops = None if augment_ops is None else tuple(augment_ops)
-        self._rng = np.random.default_rng(seed)
-        self._x: list[np.ndarray] = []
-        self._fg: list[np.ndarray] = []
-        self._dist: list[np.ndarray] = []
-        self._fg_index: list[np.ndarray] = []
-        areas = []
-        for i, (image, lab) in enumerate(zip(images, labels)):
-            image = np.asarray(image)
-            lab = np.asarray(lab)
-            if image.ndim != 2:
-                raise ValueError(f"image {i} must be 2-D (Y, X), got shape {image.shape}")
-            if lab.shape != image.shape:
-                raise ValueError(
-                    f"image {i} has shape {image.shape} but its mask has shape {lab.shape}; "
-                    "a mask must have the same size as its image"
-                )
-            x = normalize(image)
-            _, fg, dist = instance_targets(lab, min_area=min_area)
-            areas.append(x.size)
-            x, fg, dist = self._pad(x, fg, dist)
-            self._x.append(x)
-            self._fg.append(fg.astype(np.uint8))
-            self._dist.append(dist)
-            self._fg_index.append(self._centres(fg))
-        self._areas = np.asarray(areas, dtype=np.int64)
-        self._p = self._areas / self._areas.sum()
-
-    def _pad(
-        self, x: np.ndarray, fg: np.ndarray, dist: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Pad to at least ``P`` on each side: image with its median, targets with zeros."""
-        ph = max(self.patch_size - x.shape[0], 0)
-        pw = max(self.patch_size - x.shape[1], 0)
-        if ph == 0 and pw == 0:
-            return x, fg, dist
-        width = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
-        x = np.pad(x, width, mode="constant", constant_values=float(np.median(x)))
-        return x, np.pad(fg, width), np.pad(dist, width)
-
-    @staticmethod
-    def _centres(fg: np.ndarray) -> np.ndarray:
-        """Flat indices of particle pixels that may centre a patch (int32, evenly thinned).
-
-        At most :attr:`MAX_CENTRES` per image: a regular subset of the raster order keeps
-        every particle represented while the memory stays small on large training sets.
-        """
-        index = np.flatnonzero(fg)
-        step = -(-index.size // PatchSampler.MAX_CENTRES)
-        return index[::step].astype(np.int32) if index.size else index.astype(np.int32)
-
-    @property
-    def n_images(self) -> int:
-        """Number of images."""
-        return len(self._x)
-
-    @property
-    def pixels(self) -> int:
-        """Total area of the images (pixels, before padding): sets the epoch length."""
-        return int(self._areas.sum())
-
-    def _window(self, i: int, p: int | None = None) -> tuple[int, int]:
-        """Top-left corner of a ``p``-pixel window in padded image ``i`` (may start at a
-        negative offset or run past the end when ``p`` exceeds the image: see ``_cut``)."""
-        rng = self._rng
-        p = self.patch_size if p is None else p
-        h, w = self._x[i].shape
-        index = self._fg_index[i]
-        if index.size and rng.random() < self.fg_bias:
-            cy, cx = divmod(int(index[rng.integers(index.size)]), w)
-            return _clamp_start(cy - p // 2, h, p), _clamp_start(cx - p // 2, w, p)
-        return _random_start(rng, h, p), _random_start(rng, w, p)
-
-    def _cut(self, i: int, q: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """A ``q``-pixel window of image ``i`` and its targets, padded where it leaves the
-        image (image with its median grey, targets with background)."""
-        top, left = self._window(i, q)
-        x, fg, dist = self._x[i], self._fg[i], self._dist[i]
-        h, w = x.shape
-        ys, xs = slice(max(top, 0), min(top + q, h)), slice(max(left, 0), min(left + q, w))
-        pad = (
-            (max(-top, 0), max(top + q - h, 0)),
-            (max(-left, 0), max(left + q - w, 0)),
-        )
-        parts = [x[ys, xs], fg[ys, xs], dist[ys, xs]]
-        if any(a or b for a, b in pad):
-            fill = float(np.median(x))
-            parts = [
-                np.pad(parts[0], pad, constant_values=fill),
-                np.pad(parts[1], pad),
-                np.pad(parts[2], pad),
-            ]
-        return parts[0], parts[1], parts[2]
-
-    def _zoomed(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """A patch of image ``i`` at a random zoom, resampled to ``P x P``."""
-        from skimage.transform import resize
-
-        p = self.patch_size
-        log_j = math.log(self.scale_jitter)
-        zoom = math.exp(self._rng.uniform(-log_j, log_j))
-        q = max(4, int(round(p / zoom)))
-        x, fg, dist = self._cut(i, q)
-        if q == p:
-            return x, fg, dist
-        shrink = q > p
-        x = resize(x, (p, p), order=1, anti_aliasing=shrink, preserve_range=True)
-        fg = resize(fg, (p, p), order=0, anti_aliasing=False, preserve_range=True)
-        dist = resize(dist, (p, p), order=1, anti_aliasing=False, preserve_range=True)
-        return (
-            x.astype(np.float32),
-            fg.astype(np.uint8),
-            dist.astype(np.float32),
-        )
-
-    def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Draw a batch of augmented patches.
-
-        Parameters
-        ----------
-        batch_size : int
-            Number of patches ``B``.
-
-        Returns
-        -------
-        x : torch.Tensor
-            ``(B, 1, P, P)`` float32 images in ``[-1, 1]``.
-        fg : torch.Tensor
-            ``(B, P, P)`` int64 class indices (0 background, 1 particle).
-        dist : torch.Tensor
-            ``(B, P, P)`` float32 normalised distances in ``[0, 1]``.
-        """
-        import torch
-
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        p = self.patch_size
-        xs = np.empty((batch_size, 1, p, p), dtype=np.float32)
-        fgs = np.empty((batch_size, p, p), dtype=np.int64)
-        dists = np.empty((batch_size, p, p), dtype=np.float32)
-        for b in range(batch_size):
-            i = int(self._rng.choice(self.n_images, p=self._p))
-            if self.scale_jitter > 1.0:
-                x, fg, dist = self._zoomed(i)
-            else:
-                top, left = self._window(i)
-                win = (slice(top, top + p), slice(left, left + p))
-                x, fg, dist = self._x[i][win], self._fg[i][win], self._dist[i][win]
-            if self.augment_p > 0:
-                x, fg, dist = augment_sample(
-                    x, fg, dist, self._rng, p=self.augment_p, ops=self.augment_ops
-                )
-            xs[b, 0], fgs[b], dists[b] = x, fg, dist
-        return torch.from_numpy(xs), torch.from_numpy(fgs), torch.from_numpy(dists)
+    check_pairs(images, labels)
+    if val_images is not None:
+        check_pairs(val_images, val_labels or [], what="validation")
+        train_idx: Sequence[int] = range(len(images))
+        v_images, v_labels = list(val_images), list(val_labels or [])
+    else:
+        train_idx, val_idx = split_indices(len(images), val_fraction, seed)
+        v_images = [images[i] for i in val_idx]
+        v_labels = [labels[i] for i in val_idx]
+    t_images = [np.asarray(images[i]) for i in train_idx]
+    t_labels = [np.asarray(labels[i]) for i in train_idx]
+    if not any(np.any(lab > 0) for lab in t_labels):
+        raise ValueError("the training split has no particles; add labelled images")
+    return TrainingPairs(t_images, t_labels, v_images, v_labels)

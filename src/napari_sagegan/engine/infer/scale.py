@@ -46,26 +46,51 @@ class ScaleInfo:
         is used as it is).
     source : str
         Where ``diameter`` came from: ``"user"``, ``"estimate"`` (classical),
-        ``"network"`` (re-measured from a first segmentation pass) or ``"none"``.
+        ``"network"`` (found by the network: the scale ladder and its own particles) or
+        ``"none"``.
     factor : float
         Network pixels per image pixel (``> 1``: the image is enlarged).
+    confidence : float or None
+        For an estimated size, how sure the estimate is, in [0, 1] (below
+        :data:`~napari_sagegan.engine.infer.autoscale.LOW_CONFIDENCE`: uncertain).
+    alternatives : tuple of float
+        Other plausible diameters (pixels), best first, tried when the full pass disagrees.
     """
 
     diameter: float | None
     source: str
     factor: float
+    confidence: float | None = None
+    alternatives: tuple[float, ...] = ()
+
+    @property
+    def uncertain(self) -> bool:
+        """True when the size was estimated with a low confidence (check it, or give it)."""
+        from napari_sagegan.engine.infer.autoscale import LOW_CONFIDENCE
+
+        return (
+            self.source in ("estimate", "network")
+            and self.confidence is not None
+            and self.confidence < LOW_CONFIDENCE
+        )
 
     def describe(self, pixel_size_nm: float | None = None) -> str:
         """One line for the user, e.g. ``particle diameter ~ 42 px (estimated), x0.57``."""
         if self.diameter is None:
             return "particle size not used: image segmented at its own scale"
-        what = {"user": "given", "estimate": "estimated", "network": "measured"}.get(
+        what = {"user": "given", "estimate": "estimated", "network": "estimated"}.get(
             self.source, self.source
         )
         size = f"{self.diameter:.3g} px"
         if pixel_size_nm:
             size += f" = {self.diameter * pixel_size_nm:.3g} nm"
-        return f"particle diameter ~ {size} ({what}); image resampled x{self.factor:.3g}"
+        line = f"particle diameter ~ {size} ({what})"
+        if self.confidence is not None and self.source != "user":
+            line += f", confidence {self.confidence:.2f}"
+        line += f"; image resampled x{self.factor:.3g}"
+        if self.uncertain:
+            line += "; uncertain: check the outlines, or give the particle diameter"
+        return line
 
 
 def median_diameter(labels: Any, min_area: int = 1) -> float | None:
@@ -101,24 +126,6 @@ def scale_factor(diameter: float | None, target_diameter: float | None) -> float
     if not diameter or not target_diameter or diameter <= 0 or target_diameter <= 0:
         return 1.0
     return float(np.clip(target_diameter / diameter, MIN_FACTOR, MAX_FACTOR))
-
-
-def check_diameter(value: Any, what: str = "particle diameter") -> float | None:
-    """Validate a user-given diameter in pixels (``None`` or 0: estimate it)."""
-    if value is None:
-        return None
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"the {what} must be a number of pixels, got {value!r}") from None
-    if value == 0:
-        return None
-    if not math.isfinite(value) or value < 1.0:
-        raise ValueError(
-            f"the {what} must be at least 1 pixel (or 0 to estimate it), got {value}; "
-            "give it in pixels, or in nm together with the pixel size"
-        )
-    return value
 
 
 def _read_window(image: Any, limit: int) -> np.ndarray:

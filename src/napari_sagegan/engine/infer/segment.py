@@ -13,7 +13,7 @@ import contextlib
 import math
 import os
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,9 @@ import torch
 from napari_sagegan.engine.checkpoint import load_segmenter
 from napari_sagegan.engine.config import InferConfig
 from napari_sagegan.engine.device import describe_device, resolve_device
+from napari_sagegan.engine.infer.annotations import exclude as exclude_annotations
+from napari_sagegan.engine.infer.annotations import find_annotations
+from napari_sagegan.engine.infer.autoscale import LADDER, MIN_COUNT, search_scale
 from napari_sagegan.engine.infer.postprocess import instances_from_maps
 from napari_sagegan.engine.infer.scale import (
     ScaleInfo,
@@ -35,7 +38,7 @@ from napari_sagegan.engine.nets.attention_unet import (
     fuse_batchnorm,
     maps_from_logits,
 )
-from napari_sagegan.util.progress import Progress, run_to_end
+from napari_sagegan.util.progress import Progress, relay, run_to_end
 
 #: Above this many pixels per slice the probability maps are kept as float16.
 _HALF_MAPS_PIXELS = 16_000_000
@@ -59,7 +62,11 @@ class SegmentResult:
         The device actually used.
     scale : ScaleInfo or None
         The particle diameter used and the resampling factor (for a stack: the one used
-        for every slice, planned on the middle slice).
+        for every slice, planned on the middle slice), with the estimate's confidence.
+    excluded : list of dict
+        Burned-in annotations found and left out (scale bars, their labels, panel letters,
+        SEM data bars): ``kind``, ``bbox`` (y0, x0, y1, x1), ``length_px`` for a scale bar,
+        ``slice`` for a stack, and ``particles``: how many would-be particles they removed.
     """
 
     labels: np.ndarray
@@ -68,6 +75,7 @@ class SegmentResult:
     attention: np.ndarray | None = None
     device: str = "cpu"
     scale: ScaleInfo | None = None
+    excluded: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _round_up(value: int, divisor: int) -> int:
@@ -176,15 +184,17 @@ class Segmenter:
     def target_diameter(self) -> float | None:
         """Particle diameter (pixels) the network was trained to see; ``None``: the model
         was trained at its images' own scale and images are used as they are."""
-        value = (self.checkpoint.get("train") or {}).get("target_diameter")
-        return float(value) if value else None
+        from napari_sagegan.engine.checkpoint import target_diameter_of
+
+        return target_diameter_of(self.checkpoint)
 
     def plan_scale(self, image: Any, config: InferConfig | None = None) -> ScaleInfo:
-        """Choose the particle diameter and resampling factor for a 2-D image.
+        """The first choice of particle diameter and resampling factor for a 2-D image.
 
-        The user's ``config.diameter`` wins; else, with ``config.auto_scale``, a classical
-        estimate (:func:`~.scale.estimate_diameter`). A model without a network scale
-        always runs at the image's own scale.
+        The user's ``config.diameter`` wins; else, with ``config.auto_scale``, the classical
+        estimate (:func:`~.scale.estimate_diameter`), which :meth:`segment` then only uses
+        as a first guess for the network's own scale search (``config.scale_search``). A
+        model without a network scale always runs at the image's own scale.
         """
         config = config or self.default_infer_config()
         target = self.target_diameter
@@ -192,11 +202,92 @@ class Segmenter:
             d, source = float(config.diameter), "user"
         elif config.auto_scale and target:
             d, source = estimate_diameter(image), "estimate"
-            if d is None:
+            if d is None and not config.scale_search:
                 return ScaleInfo(None, "none", 1.0)
+            if d is None:  # the network's search needs no first guess
+                return ScaleInfo(None, "estimate", 1.0)
         else:
             return ScaleInfo(None, "none", 1.0)
         return ScaleInfo(d, source, scale_factor(d, target))
+
+    def _searches(self, info: ScaleInfo, config: InferConfig) -> bool:
+        return info.source == "estimate" and config.scale_search and bool(self.target_diameter)
+
+    def _rungs(self, yx: tuple[int, int]) -> int:
+        return sum(1 for d in LADDER if d <= max(8.0, min(yx) / 2.0))
+
+    def ladder_steps(self, yx: tuple[int, int], info: ScaleInfo, config: InferConfig) -> int:
+        """Progress steps the network's particle-size search adds for an image of Y-X shape
+        ``yx`` planned as ``info`` (0 when the size is given or the search is off)."""
+        return self._rungs(yx) if self._searches(info, config) else 0
+
+    def estimate_scale(
+        self, image: Any, config: InferConfig | None = None
+    ) -> Generator[Progress, None, ScaleInfo]:
+        """The particle size :meth:`segment` will use for a 2-D image (or a stack's middle
+        slice), found without segmenting the whole image: for an "Estimate" button.
+
+        Yields ``Progress(stage="scale")`` per rung of the ladder; returns a
+        :class:`~.scale.ScaleInfo` with its confidence.
+        """
+        config = config or self.default_infer_config()
+        shape = check_image(image)
+        ref = image if len(shape) == 2 else image[shape[0] // 2]
+        info = self.plan_scale(ref, config)
+        if not self._searches(info, config):
+            return info
+        found = yield from self._search(ref, config, info, lambda ev: ev)
+        return found
+
+    def _search(
+        self, ref: Any, config: InferConfig, info: ScaleInfo, report
+    ) -> Generator[Progress, None, ScaleInfo]:
+        """Run the network's scale ladder on ``ref`` (see :mod:`.autoscale`)."""
+        target = float(self.target_diameter)
+        ann = find_annotations(ref) if config.exclude_annotations else None
+        crop_cfg = config.replace(tile_size=max(config.tile_size, 256), overlap=0.0)
+
+        def crop_labels(crop: np.ndarray, factor: float, box: tuple[int, int, int, int]):
+            # one crop of at most CROP x CROP network pixels: one step of the search
+            maps = run_to_end(self.predict_maps(crop, crop_cfg, factor=factor))
+            min_size = max(1, int(round(config.min_size / factor**2)))
+            lab = instances_from_maps(
+                maps[0],
+                maps[1] if self.model.config.dist_head else None,
+                threshold=config.threshold,
+                seed_threshold=config.seed_threshold,
+                split=config.split,
+                fill_holes=False,
+                min_size=min_size,
+            )
+            if ann is not None and ann.items:
+                y0, x0, y1, x1 = box
+                sub = type(ann)(ann.mask[y0:y1, x0:x1], ann.items)
+                exclude_annotations(lab, sub)
+            return lab
+
+        found = yield from relay(
+            search_scale(
+                crop_labels, ref, target, guess=info.diameter, min_size=config.min_size
+            ),
+            report,
+        )
+        if found.diameter is None:  # the network found nothing anywhere: the first guess
+            if info.diameter is None:
+                return ScaleInfo(None, "none", 1.0, confidence=0.0)
+            return ScaleInfo(info.diameter, "estimate", info.factor, confidence=0.0)
+        d = found.diameter
+        if info.diameter and abs(math.log(d / info.diameter)) <= math.log(1.3):
+            # two independent estimates that corroborate each other: their geometric mean
+            d = math.sqrt(d * info.diameter)
+        return ScaleInfo(
+            d,
+            "network",
+            scale_factor(d, target),
+            confidence=found.confidence,
+            alternatives=tuple(found.alternatives()[:2])
+            + ((info.diameter,) if info.diameter else ()),
+        )
 
     def predict_maps(
         self,
@@ -240,14 +331,16 @@ class Segmenter:
         """The scale :meth:`segment` will use for an image or stack, and its tile count.
 
         Pass the returned ``ScaleInfo`` to :meth:`segment` (``scale=``) to skip a second
-        estimate. The count covers every slice (a refinement pass, if any, adds to it).
+        classical estimate. The count covers every slice and the network's scale ladder
+        (one step per rung); a retry at another size, if any, adds to it.
         """
         config = config or self.default_infer_config()
         shape = check_image(image)
         ref = image if len(shape) == 2 else image[shape[0] // 2]
         info = self.plan_scale(ref, config)
         n = self._tiles(shape[-2:], config, info.factor)
-        return info, n * (1 if len(shape) == 2 else shape[0])
+        extra = self._rungs(shape[-2:]) if self._searches(info, config) else 0
+        return info, n * (1 if len(shape) == 2 else shape[0]) + extra
 
     def _tiles(self, yx: tuple[int, int], config: InferConfig, factor: float) -> int:
         if abs(factor - 1.0) > 1e-6:
@@ -261,20 +354,13 @@ class Segmenter:
         info: ScaleInfo,
         with_attention: bool,
         report,
-    ) -> Generator[Progress, None, tuple[np.ndarray, np.ndarray]]:
+    ) -> Generator[Progress, None, tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]]:
         """Segment one 2-D plane at ``info``'s scale; ``report(ev)`` turns tile events into
-        the caller's events. Returns ``(labels, maps)``."""
-        gen = self.predict_maps(plane, config, with_attention=with_attention, factor=info.factor)
-        try:
-            while True:
-                try:
-                    ev = next(gen)
-                except StopIteration as stop:
-                    maps = stop.value
-                    break
-                yield report(ev)
-        finally:
-            gen.close()
+        the caller's events. Returns ``(labels, maps, excluded)``."""
+        maps = yield from relay(
+            self.predict_maps(plane, config, with_attention=with_attention, factor=info.factor),
+            report,
+        )
         has_dist = self.model.config.dist_head
         min_size = config.min_size
         if abs(info.factor - 1.0) > 1e-6:  # min_size is in network pixels
@@ -288,7 +374,28 @@ class Segmenter:
             fill_holes=config.fill_holes,
             min_size=min_size,
         )
-        return lab.astype(np.int32, copy=False), maps
+        excluded: list[dict[str, Any]] = []
+        if config.exclude_annotations:
+            ann = find_annotations(plane)
+            if ann.items:
+                gone = exclude_annotations(lab, ann)
+                if gone:
+                    from skimage.segmentation import relabel_sequential
+
+                    lab = relabel_sequential(lab)[0]
+                excluded = [a.to_dict() for a in ann.items]
+                if excluded:
+                    excluded[0]["particles"] = len(gone)
+        return lab.astype(np.int32, copy=False), maps, excluded
+
+    @staticmethod
+    def _agreement(lab: np.ndarray, info: ScaleInfo, min_area: int) -> float:
+        """How far the particles of a pass are from the size it assumed: ``|log(measured /
+        assumed)|``; ``inf`` with fewer than :data:`~.autoscale.MIN_COUNT` + 1 particles."""
+        if info.diameter is None or int(lab.max()) < MIN_COUNT + 1:
+            return math.inf
+        measured = median_diameter(lab, min_area=min_area)
+        return abs(math.log(measured / info.diameter)) if measured else math.inf
 
     def segment(
         self,
@@ -302,13 +409,17 @@ class Segmenter:
         """Segment a 2-D image or a 3-D stack (slice by slice) into instance labels.
 
         With a model trained at a network scale, the image is resampled so its particles
-        come out at that size (:meth:`plan_scale`; a stack is planned once, on its middle
-        slice). When the diameter was estimated, a first pass measures it again on the
-        network's own segmentation and, if it differs by more than 30 %, the image is
-        segmented again at the measured scale (``config.refine_scale``).
+        come out at that size. The size is the user's (``config.diameter``) or found by
+        the network (``config.scale_search``, :mod:`.autoscale`: a ladder of scales on a
+        central crop, the classical estimate as a first guess); a stack is planned once,
+        on its middle slice. A found size is then checked by the full pass: when it finds
+        fewer than a few particles, or particles more than 2x from the size assumed, the
+        next-best sizes are tried and the most self-consistent pass is kept. Burned-in
+        annotations are left out (``config.exclude_annotations``).
 
-        Yields ``Progress(stage="tiles", step, total)`` over all tiles of all slices (the
-        total grows if a second pass is needed). ``scale``: a plan from :meth:`plan`.
+        Yields ``Progress(stage="tiles", step, total)`` over the ladder's rungs and all
+        tiles of all slices (the total grows when another size is tried). ``scale``: a plan
+        from :meth:`plan`.
         """
         config = config or self.default_infer_config()
         shape = check_image(image)
@@ -317,7 +428,9 @@ class Segmenter:
         ref_z = None if len(shape) == 2 else shape[0] // 2
         ref = image if ref_z is None else image[ref_z]
         info = scale if scale is not None else self.plan_scale(ref, config)
-        state = {"done": 0, "total": self._tiles(yx, config, info.factor) * len(slices)}
+        searching = self._searches(info, config)
+        rungs = self._rungs(yx) if searching else 0
+        state = {"done": 0, "total": rungs + self._tiles(yx, config, info.factor) * len(slices)}
 
         def report(z):
             def make(ev: Progress) -> Progress:
@@ -333,38 +446,78 @@ class Segmenter:
 
             return make
 
-        first: tuple[np.ndarray, np.ndarray] | None = None
-        if info.source == "estimate" and config.refine_scale:
-            first = yield from self._plane(ref, config, info, with_attention, report(ref_z))
-            state["done"] += self._tiles(yx, config, info.factor)
-            min_area = max(1, int(round(config.min_size / info.factor**2)))
-            measured = median_diameter(first[0], min_area=min_area)
-            if (
-                measured is not None
-                and int(first[0].max()) >= 3
-                and abs(math.log(measured / info.diameter)) > math.log(1.3)
-            ):
-                info = ScaleInfo(measured, "network", scale_factor(measured, self.target_diameter))
+        def report_scale(ev: Progress) -> Progress:
+            return Progress(
+                "tiles",
+                min(ev.step, rungs),
+                state["total"],
+                message=ev.message,
+                data={"stage": "scale", "device": self.device_name},
+            )
+
+        first: tuple[np.ndarray, np.ndarray, list] | None = None
+        if searching:
+            info = yield from self._search(ref, config, info, report_scale)
+            state["done"] = rungs
+            state["total"] = rungs + self._tiles(yx, config, info.factor) * len(slices)
+        if info.source in ("network", "estimate") and info.diameter is not None and (
+            config.scale_search or config.refine_scale
+        ):
+            # the full pass checks the size: retry elsewhere when it disagrees
+            tries = [info] + [
+                ScaleInfo(d, info.source, scale_factor(d, self.target_diameter), 0.0)
+                for d in info.alternatives
+            ]
+            if config.refine_scale and not config.scale_search:
+                tries = [info]
+            best = None
+            for k, cand in enumerate(tries):
+                n_t = self._tiles(yx, config, cand.factor)
+                if k:
+                    state["total"] += n_t
+                out = yield from self._plane(ref, config, cand, with_attention, report(ref_z))
+                state["done"] += n_t
+                min_area = max(1, int(round(config.min_size / cand.factor**2)))
+                cost = self._agreement(out[0], cand, min_area)
+                if best is None or cost < best[0]:
+                    best = (cost, cand, out)
+                if cost <= math.log(2.0) or not config.scale_search:
+                    break
+            cost, chosen, first = best
+            if config.refine_scale and math.isfinite(cost) and cost > math.log(1.3):
+                measured = median_diameter(first[0], min_area=1)
+                chosen = ScaleInfo(
+                    measured, "network", scale_factor(measured, self.target_diameter),
+                    chosen.confidence, chosen.alternatives,
+                )  # fmt: skip
                 first = None
-                state["total"] = state["done"] + self._tiles(yx, config, info.factor) * len(slices)
-            else:
-                state["total"] = state["done"] + self._tiles(yx, config, info.factor) * (
-                    len(slices) - 1
-                )
+            if chosen is not info:
+                if chosen.confidence == 0.0 and info.confidence:
+                    # a fallback size: say how sure the ladder was of it (less than of the first)
+                    chosen = ScaleInfo(
+                        chosen.diameter, chosen.source, chosen.factor,
+                        min(info.confidence, 0.5 * info.confidence), chosen.alternatives,
+                    )  # fmt: skip
+                info = chosen
+            left = len(slices) - (1 if first is not None else 0)
+            state["total"] = state["done"] + self._tiles(yx, config, info.factor) * left
         # 2-D: the slice's labels are the result (no second full-size copy)
         labels = np.zeros(shape, dtype=np.int32) if len(shape) == 3 else None
         keep = keep_maps or with_attention
         has_dist = self.model.config.dist_head
         prob = dist = att = None
         offset = 0
+        excluded: list[dict[str, Any]] = []
         for z in slices:
             if first is not None and z == ref_z:
-                lab, maps = first
+                lab, maps, ex = first
                 first = None
             else:
                 plane = image if z is None else image[z]
-                lab, maps = yield from self._plane(plane, config, info, with_attention, report(z))
+                lab, maps, ex = yield from self._plane(plane, config, info, with_attention, report(z))
                 state["done"] += self._tiles(yx, config, info.factor)
+            for item in ex:
+                excluded.append(item if z is None else {**item, "slice": int(z)})
             n = int(lab.max())
             if z is None:
                 labels = lab
@@ -390,6 +543,7 @@ class Segmenter:
             attention=att,
             device=self.device_name,
             scale=info,
+            excluded=excluded,
         )
 
     def segment_sync(

@@ -175,7 +175,7 @@ def _pad_to(strip: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def _resolve_range(image: Any, value_range: tuple[float, float] | None) -> tuple[float, float]:
     if value_range is None:
-        from napari_sagegan.engine.data.pairs import robust_range
+        from napari_sagegan.engine.data.intensity import robust_range
 
         lo, hi = robust_range(image)
     else:
@@ -255,7 +255,7 @@ def _iter_tile_inputs(
 
     Only one normalised strip ``(th, Xp)`` is held at a time.
     """
-    from napari_sagegan.engine.data.pairs import apply_range
+    from napari_sagegan.engine.data.intensity import apply_range
 
     th, tw = tile_hw
     strip_y = None

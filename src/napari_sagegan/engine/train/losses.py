@@ -15,9 +15,15 @@ Default (SAGE-GAN): ``L = focal + tversky`` with
 Option (cGAN-Seg): ``L = CE + (1 - soft Dice)``.
 
 The boundary-aware head adds ``dist_weight * BCE(sigmoid(d), dist)``.
+
+Phase 2 adds the offline perceptual term (:func:`ms_ssim_loss`, ``1 - SSIM`` over three
+scales, images ``(N, 1, H, W)`` in [-1, 1]), the least-squares GAN term (:func:`mse_to`) and
+:func:`set_requires_grad` (discriminators frozen while the generator steps).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -73,3 +79,55 @@ def segmentation_loss(
         )
     total = sum(parts.values())
     return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+# --------------------------------------------------------------------------- phase 2
+
+
+def _gauss(size: int, sigma: float, device, dtype) -> torch.Tensor:
+    r = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
+    g = torch.exp(-(r**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :])[None, None]
+
+
+def ssim_index(a: torch.Tensor, b: torch.Tensor, *, window: int = 7) -> torch.Tensor:
+    """Mean SSIM per sample of images ``(N, 1, H, W)`` in [-1, 1] (Gaussian window, sigma 1.5).
+
+    Returns ``(N,)``. Computed on ``(x + 1) / 2`` with ``C1 = 0.01^2``, ``C2 = 0.03^2``.
+    """
+    a, b = (a + 1.0) / 2.0, (b + 1.0) / 2.0
+    win = min(window, a.shape[-1], a.shape[-2])
+    k = _gauss(win, 1.5, a.device, a.dtype)
+    mu_a, mu_b = F.conv2d(a, k), F.conv2d(b, k)
+    saa = F.conv2d(a * a, k) - mu_a**2
+    sbb = F.conv2d(b * b, k) - mu_b**2
+    sab = F.conv2d(a * b, k) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a**2 + mu_b**2 + c1) * (saa + sbb + c2))
+    return s.flatten(1).mean(dim=1)
+
+
+def ms_ssim_loss(a: torch.Tensor, b: torch.Tensor, scales: int = 3) -> torch.Tensor:
+    """Offline perceptual term ``P = 1 - mean_s SSIM(a_s, b_s)`` over ``scales`` 2x pyramids."""
+    vals = []
+    for s in range(scales):
+        if s and min(a.shape[-2:]) < 16:
+            break
+        vals.append(ssim_index(a, b).mean())
+        a, b = F.avg_pool2d(a, 2), F.avg_pool2d(b, 2)
+    return 1.0 - torch.stack(vals).mean()
+
+
+def set_requires_grad(nets: torch.nn.Module | Sequence[torch.nn.Module], flag: bool) -> None:
+    """Switch gradients of every parameter of ``nets`` on or off."""
+    if isinstance(nets, torch.nn.Module):
+        nets = [nets]
+    for net in nets:
+        for p in net.parameters():
+            p.requires_grad_(flag)
+
+
+def mse_to(pred: torch.Tensor, value: float) -> torch.Tensor:
+    """Least-squares GAN term ``mean((pred - value)^2)`` (targets built like ``pred``)."""
+    return F.mse_loss(pred, torch.full_like(pred, value))

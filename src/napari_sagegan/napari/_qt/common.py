@@ -1,8 +1,14 @@
-"""Small pieces shared by the dock widgets: workers, progress panel, notifications, plot."""
+"""What every dock shares: one task at a time in a worker thread, and notifications.
+
+:class:`DockBase` runs a progress generator (an :mod:`napari_sagegan.api` call) in napari's
+``create_worker``: events reach the dock on the main thread (``yielded``), the result
+arrives with ``returned``, bad input raised in the worker becomes one error notification,
+Cancel and closing the dock or the viewer stop the worker at its next event. The visible
+parts (progress panel, pair list, plots) are in :mod:`.parts` and :mod:`.plots`.
+"""
 
 from __future__ import annotations
 
-import math
 import time
 import weakref
 from collections.abc import Callable, Generator
@@ -10,27 +16,10 @@ from typing import Any
 
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QEvent, QPointF, QRectF, Qt
-from qtpy.QtGui import QColor, QPainter, QPainterPath, QPen
-from qtpy.QtWidgets import (
-    QHBoxLayout,
-    QLabel,
-    QProgressBar,
-    QPushButton,
-    QSizePolicy,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtCore import QEvent
+from qtpy.QtWidgets import QWidget
 
-__all__ = [
-    "DockBase",
-    "ProgressPanel",
-    "CurvePlot",
-    "format_eta",
-    "notify_error",
-    "notify_info",
-    "notify_warning",
-]
+__all__ = ["DockBase", "ModelDock", "notify_error", "notify_info", "notify_warning"]
 
 #: Longest wait (s) for a worker to stop when its widget or viewer is closed.
 STOP_TIMEOUT_S = 30.0
@@ -51,18 +40,6 @@ def notify_warning(message: str) -> None:
 
 def notify_info(message: str) -> None:
     show_info(_sentence(message))
-
-
-def format_eta(seconds: float | None) -> str:
-    """``"ETA 1 min 05 s"`` style text; empty when unknown."""
-    if seconds is None or not math.isfinite(seconds):
-        return ""
-    s = int(round(seconds))
-    if s < 60:
-        return f"ETA {s} s"
-    if s < 3600:
-        return f"ETA {s // 60} min {s % 60:02d} s"
-    return f"ETA {s // 3600} h {(s % 3600) // 60:02d} min"
 
 
 # Python's full (generation 2) garbage collection walks every object of the process: with
@@ -153,51 +130,6 @@ def _is_running(worker: Any) -> bool:
         return bool(worker.is_running)
     except RuntimeError:
         return False
-
-
-class ProgressPanel(QWidget):
-    """A progress bar with a real total, an ETA / status line and a Cancel button."""
-
-    def __init__(self, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.bar = QProgressBar()
-        self.bar.setRange(0, 1)
-        self.bar.setValue(0)
-        self.bar.setFormat("%v / %m")
-        self.bar.setTextVisible(False)  # no "0 / 1" before anything ran
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.setToolTip("Stop at the next tile or training step")
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
-        row = QHBoxLayout()
-        row.setContentsMargins(0, 0, 0, 0)
-        row.addWidget(self.bar, 1)
-        row.addWidget(self.cancel_button)
-        lay = QVBoxLayout(self)
-        lay.setContentsMargins(0, 0, 0, 0)
-        lay.addLayout(row)
-        lay.addWidget(self.status)
-
-    def start(self, text: str) -> None:
-        self.bar.setRange(0, 0)  # busy until the first event gives a total
-        self.bar.setValue(0)
-        self.bar.setTextVisible(True)
-        self.status.setText(text)
-        self.cancel_button.setEnabled(True)
-
-    def update_progress(self, step: int, total: int | None, eta_s: float | None, text: str):
-        if total:
-            self.bar.setRange(0, int(total))
-            self.bar.setValue(min(int(step), int(total)))
-        eta = format_eta(eta_s)
-        self.status.setText(f"{text}  ·  {eta}" if eta else text)
-
-    def finish(self, text: str) -> None:
-        if self.bar.maximum() == 0:
-            self.bar.setRange(0, 1)
-        self.cancel_button.setEnabled(False)
-        self.status.setText(text)
 
 
 class DockBase(QWidget):
@@ -308,104 +240,72 @@ class DockBase(QWidget):
         return super().event(event)
 
 
-class CurvePlot(QWidget):
-    """A small live plot: training loss (left axis) and validation scores (right axis, 0-1).
+class ModelDock(DockBase):
+    """A dock that runs models: it shares the viewer's state and limits torch's threads.
 
-    Drawn with QPainter: no plotting library needed, and cheap enough to redraw after every
-    training step.
+    Attributes
+    ----------
+    state : napari_sagegan.napari.state.ViewerState
+        The viewer's models, training sets and phase-2 generator (shared by every dock).
+    store : napari_sagegan.napari.state.ModelStore
+        ``state.models``.
+    threads : int or None
+        Torch threads while the GUI is open: all cores but one
+        (:func:`napari_sagegan.engine.device.gui_threads`).
     """
 
-    LOSS = QColor(90, 160, 255)
-    LOSS_STEP = QColor(90, 160, 255, 90)
-    COLORS = {"val_dice": QColor(80, 200, 120), "val_f1@0.5": QColor(255, 170, 60)}
-    NAMES = {"val_dice": "val Dice", "val_f1@0.5": "val F1@0.5"}
+    #: Import the training modules too when the dock opens (see ``jobs.warm_up``).
+    training = False
 
-    def __init__(self, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.setMinimumHeight(170)
-        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
-        self.clear()
+    def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
+        super().__init__(napari_viewer, parent)
+        from napari_sagegan.engine.device import gui_threads
+        from napari_sagegan.napari.jobs import warm_up
+        from napari_sagegan.napari.state import viewer_state
 
-    def clear(self) -> None:
-        self.step_loss: list[tuple[float, float]] = []  # (epoch fraction, loss)
-        self.epoch_loss: list[tuple[float, float]] = []
-        self.scores: dict[str, list[tuple[float, float]]] = {k: [] for k in self.COLORS}
-        self.update()
+        warm_up(training=self.training)  # imports now, not inside the worker (GUI stalls)
+        self.state = viewer_state(napari_viewer)
+        self.store = self.state.models
+        self.threads: int | None = gui_threads()
 
-    def add_step(self, x: float, loss: float) -> None:
-        if math.isfinite(loss):
-            self.step_loss.append((x, loss))
-            self.update()
+    def check_model(self, entry: Any) -> bool:
+        """Whether ``entry``'s file is there; if not, say so (an error notification)."""
+        try:
+            entry.check_available()
+        except FileNotFoundError as err:
+            notify_error(str(err))
+            return False
+        return True
 
-    def add_epoch(self, epoch: float, data: dict) -> None:
-        if math.isfinite(data.get("loss", math.nan)):
-            self.epoch_loss.append((epoch, float(data["loss"])))
-        for key in self.scores:
-            if key in data and math.isfinite(data[key]):
-                self.scores[key].append((epoch, float(data[key])))
-        self.update()
+    def training_arguments(
+        self, picker: Any, base: Any, config: Callable[[], Any], no_pairs: str
+    ) -> dict | None:
+        """The arguments of a training job (:class:`~napari_sagegan.napari.jobs.FineTune`,
+        :class:`~napari_sagegan.napari.jobs.Augment`): the pairs ticked in ``picker``
+        (checked now), its folder, ``base``, ``config()`` and the dock's device and threads.
 
-    def paintEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
-        p = QPainter(self)
-        p.setRenderHint(QPainter.RenderHint.Antialiasing)
-        fg = self.palette().windowText().color()
-        fm = p.fontMetrics()
-        left, right = fm.horizontalAdvance("0.000") + 8, fm.horizontalAdvance("1.0") + 10
-        top, bottom = fm.height() + 6, fm.height() + 8
-        area = QRectF(left, top, self.width() - left - right, self.height() - top - bottom)
-        if area.width() < 20 or area.height() < 20:
-            return
-        p.setPen(QPen(fg, 1))
-        p.drawRect(area)
-        xs = [x for x, _ in self.step_loss] + [x for x, _ in self.epoch_loss]
-        losses = [v for _, v in self.step_loss] + [v for _, v in self.epoch_loss]
-        x_max = max(xs + [1.0])
-        lo, hi = (min(losses), max(losses)) if losses else (0.0, 1.0)
-        if hi - lo < 1e-9:
-            hi = lo + 1.0
+        Returns ``None`` after a notification when it cannot start: a bad pair (error), no
+        pair at all (the warning ``no_pairs``), or a missing model file.
+        """
+        from napari_sagegan.napari.layers import pairs_from_layers
 
-        def point(x: float, y: float, y0: float, y1: float) -> QPointF:
-            px = area.left() + area.width() * x / x_max
-            py = area.bottom() - area.height() * (y - y0) / (y1 - y0)
-            return QPointF(px, py)
-
-        def line(points: list[tuple[float, float]], color: QColor, y0, y1, width=2.0):
-            if not points:
-                return
-            path = QPainterPath(point(*points[0], y0, y1))
-            for x, y in points[1:]:
-                path.lineTo(point(x, y, y0, y1))
-            p.setPen(QPen(color, width))
-            p.drawPath(path)
-            if len(points) == 1:
-                p.drawEllipse(point(*points[0], y0, y1), 2.5, 2.5)
-
-        line(self.step_loss, self.LOSS_STEP, lo, hi, 1.0)
-        line(self.epoch_loss, self.LOSS, lo, hi)
-        for key, color in self.COLORS.items():
-            line(self.scores[key], color, 0.0, 1.0)
-        # axes text
-        p.setPen(QPen(fg, 1))
-        align_r = Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter
-        align_l = Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter
-        h = fm.height()
-        for value, y in ((hi, area.top()), (lo, area.bottom())):
-            p.drawText(QRectF(0, y - h / 2, left - 4, h), align_r, f"{value:.3g}")
-        for value, y in (("1.0", area.top()), ("0.0", area.bottom())):
-            p.drawText(QRectF(area.right() + 4, y - h / 2, right, h), align_l, value)
-        p.drawText(
-            QRectF(area.left(), area.bottom() + 2, area.width(), h),
-            Qt.AlignmentFlag.AlignCenter,
-            f"epoch (0 - {x_max:.0f})",
-        )
-        # legend
-        x = area.left()
-        for text, color in [("loss", self.LOSS)] + [
-            (self.NAMES[k], c) for k, c in self.COLORS.items()
-        ]:
-            p.setPen(QPen(color, 3))
-            p.drawLine(QPointF(x, h / 2 + 2), QPointF(x + 12, h / 2 + 2))
-            p.setPen(QPen(fg, 1))
-            p.drawText(QPointF(x + 15, h - 1), text)
-            x += 15 + fm.horizontalAdvance(text) + 12
-        p.end()
+        picker.refresh()
+        try:
+            pairs = pairs_from_layers(self.viewer.layers, picker.checked_labels())
+        except ValueError as err:
+            notify_error(str(err))
+            return None
+        folder = picker.folder()
+        if not pairs and folder is None:
+            notify_warning(no_pairs)
+            return None
+        if not self.check_model(base):
+            return None
+        return {
+            "base": base,
+            "pairs": pairs,
+            "config": config(),
+            "folder": (folder, None) if folder else None,
+            "device": self.device_combo.currentText(),
+            "threads": self.threads,
+        }

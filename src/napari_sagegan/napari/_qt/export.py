@@ -1,9 +1,13 @@
-"""The "Export labels" dock widget: every Labels layer to TIFF, plus a CSV of the particles."""
+"""The "Export labels" dock: every Labels layer to TIFF, plus a CSV of the particles.
+
+Thin: the files are planned and written by :func:`napari_sagegan.napari.jobs.export_plan`
+and :func:`~napari_sagegan.napari.jobs.export_layers` (in a worker); the dock gathers the
+layers, asks before replacing files and reports.
+"""
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,59 +26,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_sagegan.io.export import particle_table, short_unit, write_labels_tiff
-from napari_sagegan.napari._qt.common import DockBase, ProgressPanel, notify_info, notify_warning
-from napari_sagegan.util.progress import Progress
-
-#: Name of the particle table written beside the label files.
-CSV_NAME = "particles.csv"
-
-
-def safe_file_stem(name: str) -> str:
-    """A file name stem from a layer name (``"TEM hex labels [1]"`` -> ``"TEM_hex_labels_1"``)."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
-    return stem or "labels"
-
-
-def export_plan(names: Sequence[str], folder: Path, csv: bool) -> list[Path]:
-    """The files "export all" writes: one ``.tif`` per layer (+ the CSV), names unique."""
-    out, seen = [], set()
-    for name in names:
-        stem = safe_file_stem(name)
-        candidate, i = stem, 1
-        while candidate.lower() in seen:
-            i += 1
-            candidate = f"{stem}_{i}"
-        seen.add(candidate.lower())
-        out.append(folder / f"{candidate}.tif")
-    if csv:
-        out.append(folder / CSV_NAME)
-    return out
-
-
-def export_layers(
-    items: Sequence[tuple[str, Any, tuple, Any]], paths: Sequence[Path], csv: bool
-) -> Generator[Progress, None, list[Path]]:
-    """Write each ``(name, labels, scale, unit)`` to its path, then the CSV (worker thread)."""
-    import pandas as pd
-
-    from napari_sagegan.util.files import atomic_path
-
-    tables = []
-    for i, ((name, data, scale, unit), path) in enumerate(zip(items, paths)):
-        write_labels_tiff(path, data, scale=scale, unit=unit)
-        if csv:
-            table = particle_table(data, scale, unit).drop(columns=["index"])
-            table.insert(0, "layer", name)
-            table.insert(1, "file", path.name)
-            tables.append(table)
-        yield Progress("export", i + 1, len(items), message=f"wrote {path.name}")
-    written = list(paths[: len(items)])
-    if csv:
-        with atomic_path(paths[-1]) as tmp:
-            pd.concat(tables, ignore_index=True).to_csv(tmp, index=False)
-        written.append(paths[-1])
-    return written
+from napari_sagegan.io.export import short_unit
+from napari_sagegan.napari._qt.common import DockBase, notify_info, notify_warning
+from napari_sagegan.napari._qt.parts import ProgressPanel
+from napari_sagegan.napari.jobs import CSV_NAME, export_layers, export_plan
 
 
 def ask_overwrite(parent: QWidget, paths: Sequence[Path]) -> bool:

@@ -1,15 +1,16 @@
 """The "Measure" dock widget: particle table, size / spacing histograms, g(r), colouring.
 
-Thin: every number comes from :func:`napari_sagegan.engine.analysis.measure.measure`, run in a worker
-thread (``napari.qt.threading.create_worker``); the widget only gathers its inputs, shows the
-result and writes the CSV (:func:`napari_sagegan.cli.measure.write_measurements`).
+Thin: every number comes from :func:`napari_sagegan.api.measure`, run in a worker thread
+(:class:`~napari_sagegan.napari._qt.common.DockBase`); the widget only gathers its inputs
+(:meth:`MeasureWidget.parameters`), shows the result and writes the CSV
+(:func:`napari_sagegan.io.tables.write_measurements`).
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from napari.layers import Image, Labels
@@ -29,8 +30,13 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_sagegan.engine.analysis.measure import Measurements, measure
-from napari_sagegan.napari.tasks import layer_pixel_size
+from napari_sagegan import api
+from napari_sagegan.napari._qt.common import DockBase
+from napari_sagegan.napari.layers import layer_pixel_size
+from napari_sagegan.util.progress import run_to_end
+
+if TYPE_CHECKING:  # pragma: no cover
+    from napari_sagegan.engine.analysis.measure import Measurements
 
 _NO_IMAGE = "(none)"
 #: Properties bounded to [0, 1]: coloured on that fixed range so images compare.
@@ -86,7 +92,7 @@ class _TableModel(QAbstractTableModel):
         return str(section + 1)
 
 
-class MeasureWidget(QWidget):
+class MeasureWidget(DockBase):
     """Measure the particles of a Labels layer, in nm when the pixel size is known.
 
     Parameters
@@ -96,12 +102,10 @@ class MeasureWidget(QWidget):
     """
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.viewer = napari_viewer
+        super().__init__(napari_viewer, parent)
         #: The last result, or ``None``.
         self.result: Measurements | None = None
         self._result_layer: Labels | None = None
-        self._worker: Any = None
         self._original_colormaps: dict[int, Any] = {}
 
         self.labels_combo = QComboBox()
@@ -165,6 +169,7 @@ class MeasureWidget(QWidget):
         layout.addWidget(self.tabs, 1)
         layout.addLayout(colour_row)
         layout.addWidget(self.export_button)
+        self._busy_widgets = [self.measure_button]
 
         self.measure_button.clicked.connect(lambda: self.run())
         self.colour_button.clicked.connect(lambda: self.colour_by(self.colour_combo.currentText()))
@@ -231,7 +236,7 @@ class MeasureWidget(QWidget):
         self.pixel_size.setValue(value or 0.0)
 
     def parameters(self) -> dict[str, Any]:
-        """The arguments of :func:`~napari_sagegan.engine.analysis.measure.measure` set in the widget.
+        """The arguments of :func:`napari_sagegan.api.measure` set in the widget.
 
         Raises
         ------
@@ -253,9 +258,10 @@ class MeasureWidget(QWidget):
                 )
         px = self.pixel_size.value()
         return {
-            "labels": data,
-            "image": pixels,
+            "labels": [data],
+            "images": [pixels] if pixels is not None else None,
             "pixel_size": px if px > 0 else None,
+            "names": [labels.name],
             "include_border": self.include_border.isChecked(),
         }
 
@@ -265,6 +271,8 @@ class MeasureWidget(QWidget):
 
         Returns the result when ``blocking``; otherwise it arrives in :attr:`result`.
         """
+        if self.is_running:
+            return None
         try:
             kwargs = self.parameters()
         except ValueError as err:
@@ -273,21 +281,19 @@ class MeasureWidget(QWidget):
         layer = self.labels_layer()
         if blocking:
             try:
-                result = measure(**kwargs)
+                (result,) = run_to_end(api.measure(**kwargs)).measurements
             except ValueError as err:
                 self._error(err)
                 return None
             self._show(result, layer)
             return result
-        from napari.qt.threading import create_worker
-
-        self.measure_button.setEnabled(False)
         self.status.setText(f"measuring {layer.name}...")
-        self._worker = create_worker(measure, **kwargs)
-        self._worker.returned.connect(lambda result: self._show(result, layer))
-        self._worker.errored.connect(self._error)
-        self._worker.finished.connect(lambda: self.measure_button.setEnabled(True))
-        self._worker.start()
+        self.run_task(
+            api.measure(**kwargs),
+            on_yield=lambda ev: None,
+            on_return=lambda measured: self._show(measured.measurements[0], layer),
+            on_done=lambda status: status == "error" and self.status.setText("failed"),
+        )
         return None
 
     def _error(self, err: BaseException) -> None:
@@ -410,7 +416,7 @@ class MeasureWidget(QWidget):
     # ----------------------------------------------------------------- export
     def export_csv(self, path: str | Path) -> Path:
         """Write the table to ``path`` and the summary to ``<stem>.summary.json`` beside it."""
-        from napari_sagegan.cli.measure import write_measurements
+        from napari_sagegan.io.tables import write_measurements
 
         if self.result is None:
             raise ValueError("nothing to export yet: press Measure first")

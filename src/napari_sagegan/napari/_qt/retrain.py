@@ -1,42 +1,40 @@
-"""The "Correct and retrain" dock widget: fine-tune the current model on corrected layers."""
+"""The "Correct and retrain" dock: fine-tune the current model on corrected layers.
+
+Thin: the pair list is a view of the viewer's retraining set
+(:class:`~napari_sagegan.napari._qt.parts.PairPicker`), :meth:`RetrainWidget.arguments`
+gathers the values, and :class:`~napari_sagegan.napari.jobs.FineTune` (over
+:func:`napari_sagegan.api.fine_tune`) does the work; the new model joins the viewer's
+models (:class:`~napari_sagegan.napari.state.ModelStore`).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from napari.layers import Image, Labels
-from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
-    QComboBox,
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
-    QLineEdit,
-    QListWidget,
-    QListWidgetItem,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
-from napari_sagegan.napari import tasks as _tasks
-from napari_sagegan.napari._qt.common import (
-    CurvePlot,
-    DockBase,
-    ProgressPanel,
-    notify_error,
-    notify_info,
-    notify_warning,
+from napari_sagegan.napari import jobs
+from napari_sagegan.napari._qt.common import ModelDock, notify_error, notify_info, notify_warning
+from napari_sagegan.napari._qt.parts import PairPicker, ProgressPanel, device_combo, edited_text
+from napari_sagegan.napari._qt.plots import CurvePlot
+from napari_sagegan.napari.layers import (
+    add_result_layers,
+    image_input,
+    source_image_name,
 )
-from napari_sagegan.napari._qt.segment import DEVICES, add_result_layers
-
-_ROLE_LABELS = Qt.ItemDataRole.UserRole
 
 
-class RetrainWidget(DockBase):
+class RetrainWidget(ModelDock):
     """Fine-tune the current model on the (image, labels) pairs corrected in the viewer.
 
     The list shows every Labels layer whose image is open; the ones edited since Segment
@@ -47,30 +45,25 @@ class RetrainWidget(DockBase):
     "Save model..." is used.
     """
 
+    training = True
+
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
         super().__init__(napari_viewer, parent)
-        _tasks.warm_up(training=True)  # imports now, not inside the worker (GUI stalls)
-        self.store = _tasks.model_store(napari_viewer)
-        #: Torch threads while the GUI is open: all cores but one (see _tasks.gui_threads).
-        self.threads: int | None = _tasks.gui_threads()
-        self.tune: _tasks.FineTune | None = None
+        self.tune: jobs.FineTune | None = None
         #: Further TrainConfig fields for scripts (e.g. ``{"augment_p": 0.0}``).
         self.train_extra: dict = {}
 
-        self.pair_list = QListWidget()
+        self.pairs = PairPicker(
+            napari_viewer, self.state.retrain_set, text=edited_text, watch_edits=True
+        )
+        self.pair_list = self.pairs.list
         self.pair_list.setToolTip(
             "Tick the Labels layers to learn from (edited ones are ticked for you)"
         )
         self.pair_list.setMinimumHeight(60)
         self.pair_list.setMaximumHeight(120)
         self.pair_list.setWordWrap(True)
-        self.refresh_button = QPushButton("Refresh")
-        self.folder_edit = QLineEdit()
-        self.folder_edit.setPlaceholderText("optional: folder of image + mask files")
-        self.folder_edit.setToolTip(
-            "Extra pairs from disk: each mask named like its image (a.tif + a_mask.tif)"
-        )
-        self.folder_button = QPushButton("Browse...")
+        self.folder_edit = self.pairs.folder_edit
         self.epochs_spin = QSpinBox()
         self.epochs_spin.setRange(1, 1000)
         self.epochs_spin.setValue(10)
@@ -95,8 +88,7 @@ class RetrainWidget(DockBase):
             "Training patch side, in pixels at the model's network scale (particles about "
             "32 px across for the bundled model)"
         )
-        self.device_combo = QComboBox()
-        self.device_combo.addItems(DEVICES)
+        self.device_combo = device_combo()
         self.train_button = QPushButton("Fine-tune")
         self.progress = ProgressPanel()
         self.plot = CurvePlot()
@@ -107,18 +99,12 @@ class RetrainWidget(DockBase):
         self.previous_button = QPushButton("Use previous model")
         self.save_button = QPushButton("Save model...")
 
-        pairs_head = QHBoxLayout()
-        pairs_head.addWidget(QLabel("Training pairs"), 1)
-        pairs_head.addWidget(self.refresh_button)
-        folder_row = QHBoxLayout()
-        folder_row.addWidget(self.folder_edit, 1)
-        folder_row.addWidget(self.folder_button)
         budget = QHBoxLayout()
         budget.addWidget(self.epochs_spin)
         budget.addWidget(QLabel("epochs, at most"))
         budget.addWidget(self.minutes_spin)
         form = QFormLayout()
-        form.addRow("Extra pairs", folder_row)
+        form.addRow("Extra pairs", self.pairs.folder_row)
         form.addRow("Budget", budget)
         form.addRow("Steps / epoch", self.steps_spin)
         form.addRow("Learning rate", self.lr_spin)
@@ -129,8 +115,7 @@ class RetrainWidget(DockBase):
         after.addWidget(self.previous_button)
         after.addWidget(self.save_button)
         lay = QVBoxLayout(self)
-        lay.addLayout(pairs_head)
-        lay.addWidget(self.pair_list)
+        lay.addWidget(self.pairs)
         lay.addLayout(form)
         lay.addWidget(self.train_button)
         lay.addWidget(self.progress)
@@ -144,121 +129,29 @@ class RetrainWidget(DockBase):
             self.save_button,
         ]
 
-        self._refresh_timer = QTimer(self)
-        self._refresh_timer.setSingleShot(True)
-        self._refresh_timer.setInterval(300)
-        self._refresh_timer.timeout.connect(self.refresh_pairs)
-        self.refresh_button.clicked.connect(self.refresh_pairs)
-        self.folder_button.clicked.connect(self._folder_dialog)
         self.train_button.clicked.connect(self.start_training)
         self.progress.cancel_button.clicked.connect(self.cancel)
         self.resegment_button.clicked.connect(self.resegment)
         self.previous_button.clicked.connect(self.use_previous)
         self.save_button.clicked.connect(self._save_dialog)
-        layers = napari_viewer.layers
-        layers.events.inserted.connect(self._on_inserted)
-        layers.events.removed.connect(self._schedule_refresh)
-        for layer in layers:
-            self._watch(layer)
         self.store.subscribe(self._refresh_model_label)
-        self.refresh_pairs()
         self._refresh_model_label()
 
     # ------------------------------------------------------------------ pairs
-    def _watch(self, layer: Any) -> None:
-        if isinstance(layer, Labels):
-            layer.events.paint.connect(self._schedule_refresh)
-            layer.events.data.connect(self._schedule_refresh)
-
-    def _on_inserted(self, event: Any) -> None:
-        self._watch(event.value)
-        self._schedule_refresh()
-
-    def _schedule_refresh(self, *_: Any) -> None:
-        try:
-            self._refresh_timer.start()
-        except RuntimeError:  # deleted widget
-            pass
-
-    def candidate_pairs(self) -> list[tuple[Labels, Image | None, bool | None]]:
-        """``(labels layer, its image layer or None, edited)`` for every Labels layer."""
-        out = []
-        for layer in self.viewer.layers:
-            if not isinstance(layer, Labels):
-                continue
-            name = _tasks.source_image_name(layer)
-            image = self.viewer.layers[name] if name and name in self.viewer.layers else None
-            if image is not None and not isinstance(image, Image):
-                image = None
-            out.append((layer, image, _tasks.is_edited(layer)))
-        return out
-
     def refresh_pairs(self) -> None:
-        """List the pairs; keep the user's ticks, tick the newly edited layers."""
-        ticked = {
-            self.pair_list.item(i).data(_ROLE_LABELS): self.pair_list.item(i).checkState()
-            for i in range(self.pair_list.count())
-        }
-        self.pair_list.clear()
-        for labels, image, edited in self.candidate_pairs():
-            if image is None:
-                continue
-            note = {True: "  (edited)", False: "", None: ""}[edited]
-            text = labels.name + note
-            if not labels.name.startswith(image.name):
-                text += f"  (image: {image.name})"
-            item = QListWidgetItem(text)
-            item.setToolTip(f"Labels layer {labels.name!r} on image {image.name!r}")
-            item.setData(_ROLE_LABELS, labels.name)
-            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
-            state = Qt.CheckState.Checked if edited else Qt.CheckState.Unchecked
-            if labels.name in ticked and not (edited and ticked[labels.name] != state):
-                state = ticked[labels.name]
-            item.setCheckState(state)
-            self.pair_list.addItem(item)
+        """List the pairs again (the ticks are the viewer's retraining set)."""
+        self.pairs.refresh()
 
     def set_checked(self, labels_name: str, checked: bool = True) -> None:
         """Tick or untick a pair by its Labels layer name."""
-        for i in range(self.pair_list.count()):
-            item = self.pair_list.item(i)
-            if item.data(_ROLE_LABELS) == labels_name:
-                item.setCheckState(Qt.CheckState.Checked if checked else Qt.CheckState.Unchecked)
+        self.pairs.set_checked(labels_name, checked)
 
     def checked_labels(self) -> list[str]:
-        return [
-            self.pair_list.item(i).data(_ROLE_LABELS)
-            for i in range(self.pair_list.count())
-            if self.pair_list.item(i).checkState() == Qt.CheckState.Checked
-        ]
-
-    def _folder_dialog(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Folder of image + mask pairs")
-        if path:
-            self.folder_edit.setText(path)
-
-    def gather_pairs(self) -> list[_tasks.TrainingPair] | None:
-        """The ticked pairs, checked; ``None`` (and a notification) when one is unusable."""
-        pairs = []
-        for name in self.checked_labels():
-            if name not in self.viewer.layers:
-                continue
-            labels = self.viewer.layers[name]
-            image_name = _tasks.source_image_name(labels)
-            if image_name not in self.viewer.layers:
-                continue
-            image = self.viewer.layers[image_name]
-            pair = _tasks.TrainingPair(f"{name!r} on {image.name!r}", image.data, labels.data)
-            try:
-                _tasks.check_image_data(image.name, image.data, rgb=image.rgb)
-                _tasks.check_pair(pair)
-            except ValueError as err:
-                notify_error(str(err))
-                return None
-            pairs.append(pair)
-        return pairs
+        return self.pairs.checked_labels()
 
     # ------------------------------------------------------------------ training
     def train_config(self) -> Any:
+        """The :class:`~napari_sagegan.engine.config.TrainConfig` set in the widget."""
         from napari_sagegan.engine.config import TrainConfig
 
         return TrainConfig(
@@ -273,38 +166,28 @@ class RetrainWidget(DockBase):
             **self.train_extra,
         )
 
+    def arguments(self) -> dict | None:
+        """The widget's values as the arguments of :class:`~napari_sagegan.napari.jobs.
+        FineTune`; ``None`` (and a notification) when it cannot start."""
+        return self.training_arguments(
+            self.pairs,
+            self.store.current,
+            self.train_config,
+            "No training pairs. Segment an image, correct its Labels layer (paint, erase, "
+            "fill), then tick it here - or choose a folder of image/mask pairs.",
+        )
+
     def start_training(self) -> Any:
         """Fine-tune the current model (the button); returns the worker or ``None``."""
         if self.is_running:
             return None
-        self.refresh_pairs()
-        pairs = self.gather_pairs()
-        if pairs is None:
+        args = self.arguments()
+        if args is None:
             return None
-        folder = self.folder_edit.text().strip() or None
-        if not pairs and folder is None:
-            notify_warning(
-                "No training pairs. Segment an image, correct its Labels layer (paint, erase, "
-                "fill), then tick it here - or choose a folder of image/mask pairs."
-            )
-            return None
-        base = self.store.current
-        try:
-            base.check_available()
-        except FileNotFoundError as err:
-            notify_error(str(err))
-            return None
-        self.tune = _tasks.FineTune(
-            base,
-            pairs,
-            self.train_config(),
-            folder=(folder, None) if folder else None,
-            device=self.device_combo.currentText(),
-            threads=self.threads,
-        )
+        self.tune = jobs.FineTune(**args)
         self.plot.clear()
         self._spe = max(1, int(self.steps_spin.value()))
-        self.progress.start(f"fine-tuning {base.name} ...")
+        self.progress.start(f"fine-tuning {args['base'].name} ...")
         return self.run_task(
             self.tune.run(),
             on_yield=self._on_progress,
@@ -317,7 +200,7 @@ class RetrainWidget(DockBase):
             self.plot.add_step(ev.step / self._spe, float(ev.data.get("loss", float("nan"))))
         elif ev.stage == "validate":
             self.plot.add_epoch(float(ev.data["epoch"]), ev.data)
-        self.progress.update_progress(ev.step, ev.total, ev.eta_s, ev.message)
+        self.progress.show(ev)
 
     def _on_training_done(self, status: str) -> None:
         tune = self.tune
@@ -384,24 +267,22 @@ class RetrainWidget(DockBase):
         if self.is_running:
             return None
         names = []
-        for labels_name in self.checked_labels() or [
-            self.pair_list.item(i).data(_ROLE_LABELS) for i in range(self.pair_list.count())
-        ]:
+        for labels_name in self.checked_labels() or self.pairs.names():
             if labels_name in self.viewer.layers:
-                image = _tasks.source_image_name(self.viewer.layers[labels_name])
+                image = source_image_name(self.viewer.layers[labels_name])
                 if image in self.viewer.layers and image not in names:
                     names.append(image)
         if not names:
             notify_warning("No image to re-segment: segment an image first (Segment widget).")
             return None
         try:
-            inputs = [_tasks.image_input(self.viewer.layers[n]) for n in names]
+            inputs = [image_input(self.viewer.layers[n]) for n in names]
             self.store.current.check_available()
         except (ValueError, FileNotFoundError) as err:
             notify_error(str(err))
             return None
         self.progress.start(f"re-segmenting with {self.store.current.name} ...")
-        gen = _tasks.segment_images(
+        gen = jobs.segment_layers(
             self.store.current,
             inputs,
             device=self.device_combo.currentText(),
@@ -419,4 +300,4 @@ class RetrainWidget(DockBase):
     def _on_segment_progress(self, ev: Any) -> None:
         if ev.stage == "image":
             add_result_layers(self.viewer, ev.data["result"])
-        self.progress.update_progress(ev.step, ev.total, ev.eta_s, ev.message)
+        self.progress.show(ev)

@@ -1,10 +1,15 @@
-"""The "Segment" dock widget: pick an image (or all), a model and settings; run in a worker."""
+"""The "Segment" dock: pick an image (or all), a model and settings; run in a worker.
+
+Thin: :meth:`SegmentWidget.arguments` gathers the values, :func:`napari_sagegan.napari.jobs.
+segment_layers` (over :func:`napari_sagegan.api.segment`) does the work, and each finished
+image becomes a Labels layer (:func:`napari_sagegan.napari.layers.add_result_layers`).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from napari.layers import Image, Labels
+from napari.layers import Image
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -19,48 +24,13 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_sagegan.napari import tasks as _tasks
-from napari_sagegan.napari._qt.common import (
-    DockBase,
-    ProgressPanel,
-    notify_error,
-    notify_info,
-    notify_warning,
-)
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
+from napari_sagegan.napari import jobs
+from napari_sagegan.napari._qt.common import ModelDock, notify_error, notify_info, notify_warning
+from napari_sagegan.napari._qt.parts import LayerCombo, ModelCombo, ProgressPanel, device_combo
+from napari_sagegan.napari.layers import ADVICE_OPEN, ImageInput, add_result_layers, image_input
 
 
-def add_result_layers(viewer: Any, result: _tasks.LayerResult) -> list:
-    """Add (or refresh) the layers of one segmentation result; main thread only.
-
-    An existing Labels layer of the same name that this plugin made and nobody edited is
-    updated in place; an edited one is kept, and the new result gets a new layer (napari
-    adds `` [1]`` to its name), so no correction is ever overwritten.
-    """
-    layers = []
-    for data, kwargs, kind in result.layer_data():
-        name = kwargs["name"]
-        old = viewer.layers[name] if name in viewer.layers else None
-        reuse = False
-        if old is not None and kind == "labels" and isinstance(old, Labels):
-            reuse = _tasks.is_edited(old) is False and old.data.shape == data.shape
-        elif old is not None and kind == "image" and isinstance(old, Image):
-            reuse = old.data.shape == data.shape
-        if reuse:
-            old.data = data
-            for key in ("features", "metadata", "scale", "translate"):
-                if key in kwargs:
-                    setattr(old, key, kwargs[key])
-            layers.append(old)
-        elif kind == "labels":
-            layers.append(viewer.add_labels(data, **kwargs))
-        else:
-            layers.append(viewer.add_image(data, **kwargs))
-    return layers
-
-
-class SegmentWidget(DockBase):
+class SegmentWidget(ModelDock):
     """Segment the selected image layer (2-D or 3-D), or every open image, into particles.
 
     Parameters
@@ -71,23 +41,16 @@ class SegmentWidget(DockBase):
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
         super().__init__(napari_viewer, parent)
-        _tasks.warm_up(training=False)  # imports now, not inside the worker (GUI stalls)
-        self.store = _tasks.model_store(napari_viewer)
-        #: Torch threads while the GUI is open: all cores but one (see _tasks.gui_threads).
-        self.threads: int | None = _tasks.gui_threads()
-
-        self.image_combo = QComboBox()
+        self.image_combo = LayerCombo(napari_viewer, Image)
         self.image_combo.setToolTip("The image layer to segment (2-D image or 3-D stack)")
         self.all_images = QCheckBox("all open images (one Labels layer each)")
-        self.model_combo = QComboBox()
+        self.model_combo = ModelCombo(self.store)
         self.model_combo.setToolTip(
             "The segmenter: the bundled default, a model file, or one fine-tuned here"
         )
         self.load_button = QPushButton("Load...")
         self.load_button.setToolTip("Load a model file (.pt) written by napari-sagegan")
-        self.device_combo = QComboBox()
-        self.device_combo.addItems(DEVICES)
-        self.device_combo.setToolTip("auto: CUDA GPU, then Apple MPS, then the CPU")
+        self.device_combo = device_combo("auto: CUDA GPU, then Apple MPS, then the CPU")
         self.device_label = QLabel("used: -")
         self.tile_spin = QSpinBox()
         self.tile_spin.setRange(64, 4096)
@@ -126,6 +89,9 @@ class SegmentWidget(DockBase):
         device_row = QHBoxLayout()
         device_row.addWidget(self.device_combo)
         device_row.addWidget(self.device_label, 1)
+        diameter_row = QHBoxLayout()
+        diameter_row.addWidget(self.diameter_spin, 1)
+        diameter_row.addWidget(self.diameter_unit)
         form = QFormLayout()
         form.addRow("Image", self.image_combo)
         form.addRow("", self.all_images)
@@ -133,9 +99,6 @@ class SegmentWidget(DockBase):
         form.addRow("Device", device_row)
         form.addRow("Tile size", self.tile_spin)
         form.addRow("Threshold", self.threshold_spin)
-        diameter_row = QHBoxLayout()
-        diameter_row.addWidget(self.diameter_spin, 1)
-        diameter_row.addWidget(self.diameter_unit)
         form.addRow("Particle size", diameter_row)
         form.addRow("", self.split_check)
         form.addRow("", self.attention_check)
@@ -152,42 +115,13 @@ class SegmentWidget(DockBase):
         self.load_button.clicked.connect(self._load_dialog)
         self.model_combo.activated.connect(self._model_chosen)
         self.all_images.toggled.connect(lambda on: self.image_combo.setEnabled(not on))
-        for ev in ("inserted", "removed", "reordered"):
-            getattr(napari_viewer.layers.events, ev).connect(self._refresh_images)
-        self.store.subscribe(self._refresh_models)
-        self._refresh_images()
-        self._refresh_models()
         self.apply_model_settings()
 
-    # ------------------------------------------------------------------ choices
-    def _refresh_images(self, *_: Any) -> None:
-        current = self.image_combo.currentText()
-        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Image)]
-        self.image_combo.blockSignals(True)
-        self.image_combo.clear()
-        self.image_combo.addItems(names)
-        if current in names:
-            self.image_combo.setCurrentText(current)
-        self.image_combo.blockSignals(False)
-
-    def _refresh_models(self) -> None:
-        try:
-            self.model_combo.blockSignals(True)
-        except RuntimeError:  # the widget was deleted; the store outlives it
-            return
-        self.model_combo.clear()
-        for entry in self.store.entries:
-            self.model_combo.addItem(entry.name)
-        self.model_combo.setCurrentIndex(self.store.entries.index(self.store.current))
-        self.model_combo.blockSignals(False)
-
+    # ------------------------------------------------------------------ models
     def _model_chosen(self, index: int) -> None:
-        entry = self.store.entries[index]
-        try:
-            entry.check_available()
-        except FileNotFoundError as err:
-            notify_error(str(err))
-            self._refresh_models()  # show the current model again
+        entry = self.model_combo.entry()
+        if not self.check_model(entry):
+            self.model_combo.refresh()  # show the current model again
             return
         self.store.select(entry)
         self.apply_model_settings()
@@ -225,49 +159,35 @@ class SegmentWidget(DockBase):
         notify_info(f"model {entry.name} loaded")
         return True
 
-    def infer_overrides(self) -> dict:
-        """The settings that replace the model's recommended inference settings."""
-        out = {
-            "tile_size": int(self.tile_spin.value()),
-            "threshold": float(self.threshold_spin.value()),
-            "split": bool(self.split_check.isChecked()),
-        }
-        diameter = float(self.diameter_spin.value())
-        if diameter > 0:
-            key = "diameter_nm" if self.diameter_unit.currentText() == "nm" else "diameter"
-            out[key] = max(diameter, 1.0) if key == "diameter" else diameter
-        return out
-
-    # ------------------------------------------------------------------ running
-    def _inputs(self) -> list[_tasks.ImageInput]:
+    # ------------------------------------------------------------------ arguments
+    def _inputs(self) -> list[ImageInput]:
         """The image layers to segment, checked; bad ones are reported and skipped."""
         if self.all_images.isChecked():
-            layers = [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+            layers = self.image_combo.layers()
         else:
-            name = self.image_combo.currentText()
-            layers = [self.viewer.layers[name]] if name in self.viewer.layers else []
+            layers = [self.image_combo.layer()] if self.image_combo.layer() else []
         if not layers:
-            notify_warning(f"There is no image layer to segment: {_tasks._ADVICE_OPEN}.")
+            notify_warning(f"There is no image layer to segment: {ADVICE_OPEN}.")
             return []
         inputs, problems = [], []
         for layer in layers:
             try:
-                inputs.append(_tasks.image_input(layer))
+                inputs.append(image_input(layer))
             except ValueError as err:
                 problems.append(str(err))
         for text in problems:
             (notify_warning if inputs else notify_error)(text)
         return inputs
 
-    def run(self) -> Any:
-        """Start segmenting (the button); returns the worker, or ``None`` if not started."""
-        if self.is_running:
-            return None
+    def arguments(self) -> dict | None:
+        """The widget's values as the arguments of :func:`~napari_sagegan.napari.jobs.
+        segment_layers`; ``None`` (and a notification) when it cannot start."""
         inputs = self._inputs()
         if not inputs:
             return None
-        overrides = self.infer_overrides()
-        if "diameter_nm" in overrides:
+        diameter = float(self.diameter_spin.value())
+        in_nm = diameter > 0 and self.diameter_unit.currentText() == "nm"
+        if in_nm:
             unknown = [im.name for im in inputs if not im.pixel_size_nm]
             if unknown:
                 notify_error(
@@ -276,25 +196,41 @@ class SegmentWidget(DockBase):
                 )
                 return None
         entry = self.store.current
-        try:
-            entry.check_available()
-        except FileNotFoundError as err:
-            notify_error(str(err))
+        if not self.check_model(entry):
+            return None
+        return {
+            "entry": entry,
+            "images": inputs,
+            "device": self.device_combo.currentText(),
+            "infer": {
+                "tile_size": int(self.tile_spin.value()),
+                "threshold": float(self.threshold_spin.value()),
+                "split": bool(self.split_check.isChecked()),
+            },
+            "diameter": max(diameter, 1.0) if diameter > 0 and not in_nm else None,
+            "diameter_nm": diameter if in_nm else None,
+            "with_attention": self.attention_check.isChecked(),
+            "threads": self.threads,
+        }
+
+    # ------------------------------------------------------------------ running
+    def run(self) -> Any:
+        """Start segmenting (the button); returns the worker, or ``None`` if not started."""
+        if self.is_running:
+            return None
+        args = self.arguments()
+        if args is None:
             return None
         self._n_done = 0
-        gen = _tasks.segment_images(
-            entry,
-            inputs,
-            device=self.device_combo.currentText(),
-            overrides=overrides,
-            with_attention=self.attention_check.isChecked(),
-            threads=self.threads,
-        )
+        inputs = args["images"]
         what = inputs[0].name if len(inputs) == 1 else f"{len(inputs)} images"
-        self.progress.start(f"segmenting {what} with {entry.name} ...")
+        self.progress.start(f"segmenting {what} with {args['entry'].name} ...")
         self.result_label.setText("")
         return self.run_task(
-            gen, on_yield=self._on_progress, on_return=self._on_return, on_done=self._on_done
+            jobs.segment_layers(**args),
+            on_yield=self._on_progress,
+            on_return=self._on_return,
+            on_done=self._on_done,
         )
 
     def _on_progress(self, ev: Any) -> None:
@@ -305,13 +241,9 @@ class SegmentWidget(DockBase):
             result = ev.data["result"]
             add_result_layers(self.viewer, result)
             self._n_done += 1
-            line = f"{result.labels_name}: {result.n_particles} particles"
-            if result.scale is not None and result.scale.diameter is not None:
-                line += f" ({result.scale.describe(result.image.pixel_size_nm)})"
-            self.result_label.setText(
-                (self.result_label.text() + "\n" if self.result_label.text() else "") + line
-            )
-        self.progress.update_progress(ev.step, ev.total, ev.eta_s, ev.message)
+            text = self.result_label.text()
+            self.result_label.setText((text + "\n" if text else "") + result.describe())
+        self.progress.show(ev)
 
     def _on_return(self, results: list) -> None:
         self.results = results

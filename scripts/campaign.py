@@ -1,0 +1,302 @@
+"""The training campaign of the bundled segmenter: resumable, in chunks, logged, shipped
+only when better.
+
+Usage::
+
+    nice -n 19 python scripts/campaign.py --hours 2            # CPU, in the background
+    python scripts/campaign.py --hours 0.2 --device cuda --batch 32 --threads 8   # a GPU
+    python scripts/campaign.py --ship        # compare with the bundled model; replace it
+                                             # only if better; rewrite docs/model-card.md
+
+State (committed, so that a later run on any machine continues where this one stopped):
+``campaign/segmenter.pt`` (the current weights in float16 with their calibrated operating
+point; one file that replaces itself) and ``campaign/segmenter-curve.csv`` (one row per
+chunk: cumulative optimiser steps, CPU-hours, the scores below). The first chunk starts
+from the bundled model.
+
+Each chunk trains for ``--chunk-minutes`` (default 15) on the recipe of
+:func:`recipe` (EMPS leave-source-out training part plus generated pairs of every modality
+with burned-in scale bars and text), picks its best weights on a fixed selection set of
+training articles, re-calibrates the thresholds there (unbiased sizes), and scores:
+
+* on the leave-source-out EMPS validation (45 images of 44 articles, never trained or tuned
+  on; benchmarks/emps.py), with each image's true particle size given: F1@0.5, Dice and
+  the size bias (median sqrt(area ratio) of the matched particles);
+* on generated exact-label images with particles of 8-200 px: F1@0.5 and size bias.
+
+The full pipeline (automatic particle size) is scored by ``--ship`` and by
+benchmarks/bench_size.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import emps  # noqa: E402
+
+STATE = Path(os.environ.get("SAGEGAN_CAMPAIGN_STATE", ROOT / "campaign"))
+WEIGHTS = STATE / "segmenter.pt"
+CURVE = STATE / "segmenter-curve.csv"
+CURVE_KEYS = [
+    "chunk",
+    "steps",
+    "cpu_hours",
+    "wall_hours",
+    "device",
+    "threshold",
+    "seed_threshold",
+    "sel_f1",
+    "val_f1",
+    "val_dice",
+    "val_size_bias",
+    "gen_f1",
+    "gen_size_bias",
+    "date",
+]
+#: Generated pairs mixed with the 321 EMPS training images (ratio EMPS : generated).
+N_GENERATED = 240
+#: Images of the selection set (whole training articles; model choice and calibration).
+N_SELECTION = 16
+#: Particle diameters (px) of the generated exact-label check images.
+GEN_SIZES = (8, 16, 32, 64, 128, 200)
+
+
+def recipe(seed: int = 0, n_generated: int = N_GENERATED):
+    """The campaign's data: (train_images, train_labels, sel_images, sel_labels, val).
+
+    EMPS leave-source-out training part minus the selection articles, plus ``n_generated``
+    generated pairs (TEM / SEM / HAADF presets, dispersed, agglomerated and ordered layouts,
+    6-60 px, noise, illumination; half of them with a burned-in scale bar, label, panel
+    letter or SEM data bar, labelled as background). ``val``: the leave-source-out
+    validation pairs ``(stem, image, labels)``.
+    """
+    from napari_sagegan.engine.synthetic.annotations import with_annotations
+    from napari_sagegan.engine.synthetic.render import make_training_set
+
+    train, val = emps.load_lso()
+    art = emps.articles()
+    dois = sorted({art[s] for s, _i, _l in train})
+    rng = np.random.default_rng(1234)
+    sel_dois: set[str] = set()
+    for d in rng.permutation(dois):
+        if sum(1 for s, *_ in train if art[s] in sel_dois) >= N_SELECTION:
+            break
+        sel_dois.add(str(d))
+    sel = [(i, lab) for s, i, lab in train if art[s] in sel_dois]
+    rest = [(i, lab) for s, i, lab in train if art[s] not in sel_dois]
+    gen = with_annotations(make_training_set(n_generated, shape=(256, 256), seed=seed), seed, 0.5)
+    images = [i for i, _ in rest] + [i for i, _ in gen]
+    labels = [lab for _, lab in rest] + [lab for _, lab in gen]
+    return images, labels, [i for i, _ in sel], [lab for _, lab in sel], val
+
+
+def generated_checks(seed: int = 99):
+    """Exact-label generated images, one layout per particle size in :data:`GEN_SIZES`."""
+    from napari_sagegan.engine.synthetic.render import make_sample
+
+    out = []
+    for k, d in enumerate(GEN_SIZES):
+        side = int(min(1024, max(256, d * 10)))
+        kind = ("tem_dispersed", "sem_agglomerate", "haadf_square")[k % 3]
+        out.append(make_sample(kind, shape=(side, side), seed=seed + k, diameter=float(d)))
+    return out
+
+
+def score(seg, pairs, infer=None) -> dict[str, float]:
+    """F1@0.5, Dice and pooled size bias with each image's true particle size given."""
+    from napari_sagegan.engine.analysis.metrics import evaluate_pair, size_ratios
+    from napari_sagegan.engine.infer.scale import median_diameter
+    from napari_sagegan.util.progress import run_to_end
+
+    base = infer or seg.default_infer_config()
+    tp = fp = fn = 0
+    dice = []
+    ratios = []
+    for img, gt in pairs:
+        cfg = base.replace(diameter=median_diameter(gt) or None)
+        res = run_to_end(seg.segment(img, cfg))
+        m = evaluate_pair(res.labels, gt)
+        n_tp = round(m["recall@0.5"] * m["n_gt"])
+        tp += n_tp
+        fp += m["n_pred"] - n_tp
+        fn += m["n_gt"] - n_tp
+        dice.append(m["dice"])
+        ratios.append(size_ratios(res.labels, gt))
+    r = np.concatenate(ratios) if ratios else np.zeros(0)
+    return {
+        "f1": 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0,
+        "dice": float(np.mean(dice)) if dice else float("nan"),
+        "size_bias": float(np.median(r)) if r.size else float("nan"),
+    }
+
+
+def _state() -> dict:
+    if not CURVE.exists():
+        return {"chunk": 0, "steps": 0, "cpu_hours": 0.0, "wall_hours": 0.0}
+    with open(CURVE, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return {"chunk": 0, "steps": 0, "cpu_hours": 0.0, "wall_hours": 0.0}
+    last = rows[-1]
+    return {
+        "chunk": int(last["chunk"]),
+        "steps": int(last["steps"]),
+        "cpu_hours": float(last["cpu_hours"]),
+        "wall_hours": float(last["wall_hours"]),
+    }
+
+
+def _append_curve(row: dict) -> None:
+    from napari_sagegan.util.files import atomic_write_text
+
+    rows = []
+    if CURVE.exists():
+        with open(CURVE, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    rows.append({k: row.get(k, "") for k in CURVE_KEYS})
+    lines = [",".join(CURVE_KEYS)] + [",".join(str(r[k]) for k in CURVE_KEYS) for r in rows]
+    atomic_write_text(CURVE, "\n".join(lines) + "\n")
+
+
+def _fmt(v: float) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def run_chunk(args, data, gen_pairs) -> None:
+    from napari_sagegan.engine.checkpoint import Checkpoint
+    from napari_sagegan.engine.config import TrainConfig
+    from napari_sagegan.engine.infer.calibrate import calibrate
+    from napari_sagegan.engine.infer.segment import Segmenter
+    from napari_sagegan.engine.train.segmenter import SegmenterTrainer
+    from napari_sagegan.util.progress import run_to_end
+
+    images, labels, sel_i, sel_l, val = data
+    st = _state()
+    chunk = st["chunk"] + 1
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / "chunk.pt"
+    init = str(WEIGHTS) if WEIGHTS.exists() else "default"
+    config = TrainConfig(
+        max_minutes=args.chunk_minutes,
+        seed=args.seed + chunk,  # every chunk draws other patches
+        lr=args.lr,
+        batch_size=args.batch,
+        steps_per_epoch=args.steps_per_epoch,
+        epochs=1_000_000,
+        num_threads=args.threads,
+        tversky_fp=0.5,
+        tversky_fn=0.5,
+        scale_jitter=2.0,
+    )
+    t_wall, t_cpu = time.perf_counter(), time.process_time()
+    trainer = SegmenterTrainer(
+        images,
+        labels,
+        config,
+        init=init,
+        out=out,
+        device=args.device,
+        val_images=sel_i,
+        val_labels=sel_l,
+    )
+    steps0 = trainer.step
+    print(f"chunk {chunk}: from {init}, {len(images)} pairs, device {trainer.device_name}", flush=True)
+    for ev in trainer.run():
+        if ev.stage == "validate":
+            print(f"  {ev.message} ({(time.perf_counter() - t_wall) / 60:.1f} min)", flush=True)
+    steps = trainer.step - steps0
+    seg = Segmenter.load(out, device=args.device)
+    point = run_to_end(calibrate(seg, sel_i, sel_l))
+    print("  " + point.describe(), flush=True)
+    ck = Checkpoint.load(out)
+    infer_dict = {**dict(ck.infer or {}), **point.infer_overrides()}
+    seg.checkpoint = {**dict(seg.checkpoint), "infer": infer_dict}
+    infer = seg.default_infer_config()
+    v = score(seg, [(i, lab) for _s, i, lab in val], infer)
+    g = score(seg, gen_pairs, infer)
+    cpu_h = (time.process_time() - t_cpu) / 3600
+    wall_h = (time.perf_counter() - t_wall) / 3600
+    STATE.mkdir(parents=True, exist_ok=True)
+    Checkpoint.from_model(
+        ck.build(),
+        arch=ck.arch,
+        train=ck.train,
+        infer=infer_dict,
+        target_diameter=ck.target_diameter,
+        seed=ck.seed,
+        epoch=ck.epoch,
+        step=st["steps"] + steps,
+        metrics={
+            "selection_f1@0.5": point.f1,
+            "lso_f1@0.5_true_size": v["f1"],
+            "lso_dice_true_size": v["dice"],
+            "lso_size_bias_true_size": v["size_bias"],
+        },
+        half=True,
+        extra={"campaign_chunk": chunk, "calibration": point.to_dict()},
+    ).save(WEIGHTS)
+    row = {
+        "chunk": chunk,
+        "steps": st["steps"] + steps,
+        "cpu_hours": f"{st['cpu_hours'] + cpu_h:.3f}",
+        "wall_hours": f"{st['wall_hours'] + wall_h:.3f}",
+        "device": trainer.device_name.split(" ")[0],
+        "threshold": point.threshold,
+        "seed_threshold": point.seed_threshold,
+        "sel_f1": _fmt(point.f1),
+        "val_f1": _fmt(v["f1"]),
+        "val_dice": _fmt(v["dice"]),
+        "val_size_bias": _fmt(v["size_bias"]),
+        "gen_f1": _fmt(g["f1"]),
+        "gen_size_bias": _fmt(g["size_bias"]),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    _append_curve(row)
+    print(f"  chunk {chunk} done: {json.dumps(row)}", flush=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hours", type=float, default=1.0, help="wall-clock budget of this run")
+    ap.add_argument("--chunk-minutes", type=float, default=15.0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--steps-per-epoch", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", default="runs/campaign")
+    ap.add_argument("--ship", action="store_true", help="compare and package; no training")
+    args = ap.parse_args(argv)
+    if args.ship:
+        from ship_default import ship  # noqa: PLC0415  (scripts/ship_default.py)
+
+        ship()
+        return
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    data = recipe(args.seed)
+    gen_pairs = generated_checks()
+    deadline = time.perf_counter() + args.hours * 3600
+    while time.perf_counter() + args.chunk_minutes * 60 * 1.3 < deadline or _state()["chunk"] == 0:
+        run_chunk(args, data, gen_pairs)
+        if os.environ.get("SAGEGAN_CAMPAIGN_ONE_CHUNK"):
+            break
+
+
+if __name__ == "__main__":
+    main()

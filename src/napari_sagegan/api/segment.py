@@ -1,0 +1,367 @@
+"""Segment micrographs: :func:`segment` (see :mod:`napari_sagegan.api` for the map).
+
+The pixel size and the particle diameter of every image are resolved here, once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import warnings
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_sagegan.io.pixel_size import PixelSize, resolve_pixel_size
+from napari_sagegan.util.progress import EtaClock, Progress, relay
+from napari_sagegan.util.units import nm_to_px
+
+PathLike = str | os.PathLike
+#: ``segment_report.json`` identification.
+REPORT_FORMAT, REPORT_VERSION, REPORT_NAME = "sagegan-segment-report", 1, "segment_report.json"
+_DIAMETER_SOURCES = {"user": "given", "estimate": "estimated", "network": "estimated"}
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Micrograph:
+    """One image to segment: its data (or its file) and its pixel size.
+
+    Attributes
+    ----------
+    name : str
+        Shown to the user (a file name, a layer name).
+    data : array-like or None
+        ``(Y, X)`` or ``(Z, Y, X)``; ``None`` for a file not read yet (:attr:`path`).
+    pixel_size : PixelSize
+        nm per pixel and where it came from (unknown by default).
+    path : Path or None
+        The file it is read from.
+    """
+
+    name: str
+    data: Any = None
+    pixel_size: PixelSize = field(default_factory=lambda: PixelSize(None))
+    path: Path | None = None
+
+
+def particle_diameter(
+    diameter: float | None, diameter_nm: float | None, pixel_size: PixelSize, name: str
+) -> float | None:
+    """The particle diameter of one image in pixels: given in px, or in nm with its pixel
+    size; ``None`` to estimate it.
+
+    Raises
+    ------
+    ValueError
+        Both or a non-positive value given; nm without a known pixel size.
+    """
+    if diameter is not None and diameter_nm is not None:
+        raise ValueError(
+            "give the particle diameter once: in pixels (--diameter) or in nm (--diameter-nm)"
+        )
+    for what, value in (("in pixels", diameter), ("in nm", diameter_nm)):
+        if value is not None and not value > 0:
+            raise ValueError(f"the particle diameter {what} must be positive, got {value}")
+    if diameter_nm is None:
+        return float(diameter) if diameter is not None else None
+    if not pixel_size.known:
+        raise ValueError(
+            f"the particle diameter is in nm, but the pixel size of {name!r} is unknown: give "
+            "the pixel size (--pixel-size NM), the diameter in px (--diameter), or open the "
+            "image with its calibration"
+        )
+    return max(1.0, nm_to_px(diameter_nm, pixel_size.nm))
+
+
+def _micrographs(images: Any, pixel_size: float | PixelSize | None) -> list[Micrograph]:
+    """Files, folders, arrays and :class:`Micrograph` s as a list of Micrographs (files not
+    read yet, their TIFF headers checked); ``pixel_size`` overrides every one."""
+    from napari_sagegan.io.em import EM_SUFFIXES
+    from napari_sagegan.io.images import IMAGE_SUFFIXES, list_images, probe_image
+
+    if isinstance(images, (str, os.PathLike, np.ndarray, Micrograph)):
+        images = [images]
+    out: list[Micrograph] = []
+    for i, item in enumerate(images):
+        if isinstance(item, Micrograph):
+            out.append(item)
+        elif isinstance(item, (str, os.PathLike)):
+            for f in list_images([item], IMAGE_SUFFIXES + EM_SUFFIXES):
+                if f.suffix.lower() not in EM_SUFFIXES:  # EM readers have no header-only mode
+                    probe_image(f)
+                out.append(Micrograph(f.name, None, PixelSize(None), f))
+        else:
+            out.append(Micrograph(f"image {i + 1}", item))
+    if not out:
+        raise ValueError("there is no image to segment: give image files, folders or arrays")
+    for m in out:
+        em = m.path is not None and m.path.suffix.lower() in EM_SUFFIXES
+        header = m.path if m.path is not None and not em else None
+        m.pixel_size = resolve_pixel_size(m.pixel_size, header, override=pixel_size)
+    return out
+
+
+def _read(m: Micrograph) -> Any:
+    from napari_sagegan.io.em import EM_SUFFIXES, read_em
+    from napari_sagegan.io.images import read_image
+
+    if m.data is not None:
+        return m.data
+    if m.path.suffix.lower() in EM_SUFFIXES:
+        data, meta = read_em(m.path)
+        if not m.pixel_size.known:
+            m.pixel_size = PixelSize.from_meta(meta, m.path.name)
+        return data
+    return read_image(m.path)
+
+
+def _segmenter(model: Any, device: str):
+    """A Segmenter from a path / ``"default"`` / checkpoint, or the Segmenter given."""
+    from napari_sagegan.engine.checkpoint import Checkpoint
+    from napari_sagegan.engine.infer.segment import Segmenter
+
+    if isinstance(model, Segmenter):
+        return model
+    ckpt = Checkpoint.load(model, kind="segmenter")
+    return Segmenter(ckpt.build(), device=device, checkpoint=ckpt)
+
+
+# --------------------------------------------------------------------------- segment
+
+
+@dataclass
+class Segmented:
+    """The segmentation of one image.
+
+    Attributes
+    ----------
+    name : str
+        The image's name (file name for a file).
+    labels : numpy.ndarray or None
+        int32 instance labels, the image's shape (``None`` when not kept, see
+        :func:`segment`).
+    n_particles : int
+        Particles found (ids are consecutive and unique across the slices of a stack).
+    scale : ScaleInfo or None
+        The particle diameter used and the resampling factor.
+    pixel_size : PixelSize
+        The image's pixel size and its source.
+    config : InferConfig
+        The settings used (thresholds, tiles, the diameter in px).
+    attention : numpy.ndarray or None
+        The last attention gate's map (``with_attention``).
+    device : str
+        The device used.
+    path : Path or None
+        The input file.
+    extra : SegmentResult
+        The engine's result (``confidence``, ``excluded`` when it has them).
+    """
+
+    name: str
+    labels: np.ndarray | None
+    n_particles: int
+    scale: Any
+    pixel_size: PixelSize
+    config: Any
+    attention: np.ndarray | None = None
+    device: str = "cpu"
+    path: Path | None = None
+    extra: Any = None
+
+    def report(self) -> dict[str, Any]:
+        """This image's entry of ``segment_report.json``."""
+        s, res = self.scale, self.extra
+        confidence = getattr(s, "confidence", None)
+        if confidence is None:
+            confidence = getattr(res, "confidence", None)
+        excluded = getattr(res, "excluded", None)
+        if excluded is None:
+            excluded = getattr(s, "excluded", None)
+        diameter = getattr(s, "diameter", None)
+        return {
+            "file": self.path.name if self.path is not None else self.name,
+            "diameter_px": float(diameter) if diameter is not None else None,
+            "diameter_source": _DIAMETER_SOURCES.get(getattr(s, "source", "none"), "none")
+            if diameter is not None
+            else "none",
+            "confidence": float(confidence) if confidence is not None else None,
+            "resample_factor": float(getattr(s, "factor", 1.0)),
+            "threshold": float(self.config.threshold),
+            "seed_threshold": float(self.config.seed_threshold),
+            "n_particles": int(self.n_particles),
+            "pixel_size_nm": self.pixel_size.nm,
+            "pixel_size_source": self.pixel_size.source if self.pixel_size.known else None,
+            "excluded": [
+                dataclasses.asdict(e) if dataclasses.is_dataclass(e) else e
+                for e in (excluded or [])
+            ],
+        }
+
+
+def segment(
+    images: Any,
+    *,
+    model: Any = "default",
+    device: str = "auto",
+    diameter: float | None = None,
+    diameter_nm: float | None = None,
+    pixel_size: float | PixelSize | None = None,
+    infer: dict[str, Any] | None = None,
+    with_attention: bool = False,
+    out: PathLike | None = None,
+    csv: bool = False,
+    keep_labels: bool = True,
+) -> Generator[Progress, None, list[Segmented]]:
+    """Segment micrographs into instance labels.
+
+    Parameters
+    ----------
+    images : path, array, Micrograph or a sequence of them
+        Image files (TIFF, PNG, JPEG, BMP, DM3/DM4, EMD, SER, MRC), folders of them, arrays
+        ``(Y, X)`` / ``(Z, Y, X)``, or :class:`Micrograph` s (a napari layer's data and
+        pixel size). Files are read one at a time.
+    model : path, ``"default"``, Checkpoint or Segmenter
+        The segmenter (``"default"``: the bundled model).
+    device : str
+        ``auto``, ``cpu``, ``cuda`` or ``mps``.
+    diameter, diameter_nm : float, optional
+        Typical particle diameter in pixels, or in nm (needs each image's pixel size); by
+        default estimated per image.
+    pixel_size : float or PixelSize, optional
+        nm per pixel of every image, overriding what the files or layers say.
+    infer : dict, optional
+        :class:`~napari_sagegan.engine.config.InferConfig` fields replacing the model's
+        recommended settings (``tile_size``, ``threshold``, ``split``, ``auto_scale``...;
+        ``None`` values are ignored).
+    with_attention : bool
+        Also return the attention map.
+    out : path, optional
+        Folder to write ``<stem>.tif`` (labels, calibrated when the pixel size is known),
+        with ``csv`` ``<stem>.csv`` + ``<stem>.summary.json``, and ``segment_report.json``.
+    keep_labels : bool
+        Keep every image's labels in the result (``False`` with ``out`` saves memory).
+
+    Yields
+    ------
+    Progress
+        ``prepare`` (the device), ``tiles`` after every tile (``step`` / ``total`` over all
+        images when they are all in memory, else over the current image; ``data``:
+        ``image``, ``index``, ``n_images``, ``image_step``, ``image_total``, ``device``),
+        then ``image`` after each image with ``data["result"]`` (a :class:`Segmented`).
+
+    Returns
+    -------
+    list of Segmented
+    """
+    from napari_sagegan.util.files import new_folder, staged_folder
+
+    items = _micrographs(images, pixel_size)
+    if out is not None:
+        stems = [Path(m.name).stem for m in items]
+        dupes = sorted({s for s in stems if stems.count(s) > 1})
+        if dupes:
+            raise ValueError(
+                f"several inputs share the name {dupes[0]!r}; their outputs would overwrite "
+                "each other: rename them or segment them separately"
+            )
+        out = new_folder(out)
+    particle_diameter(diameter, diameter_nm, PixelSize(1.0), "")  # refuse bad values first
+    if diameter_nm is not None:
+        for m in items:
+            if m.path is not None and not m.pixel_size.known:
+                m.pixel_size = resolve_pixel_size(m.path)  # an EM file: read it now
+            particle_diameter(None, diameter_nm, m.pixel_size, m.name)
+
+    seg = _segmenter(model, device)
+    config = seg.default_infer_config(**(infer or {}))
+    if seg.target_diameter is None and (diameter or diameter_nm):
+        warnings.warn(
+            "this model was trained at its images' own scale (no network scale): the "
+            "particle diameter is ignored; retrain it with `sagegan train` to use one",
+            stacklevel=2,
+        )
+    n = len(items)
+    yield Progress(
+        "prepare", 0, n, message=f"segmenting {n} image(s) on {seg.device_name}",
+        data={"device": seg.device_name},
+    )  # fmt: skip
+
+    def plane_config(m: Micrograph) -> Any:
+        d = particle_diameter(diameter, diameter_nm, m.pixel_size, m.name)
+        return dataclasses.replace(config, diameter=d) if d else config
+
+    in_memory = all(m.data is not None for m in items)
+    plans = [seg.plan(m.data, plane_config(m)) for m in items] if in_memory else None
+    total = sum(k for _, k in plans) if plans else None
+    clock = EtaClock(total)
+    results: list[Segmented] = []
+    with staged_folder(out) if out is not None else contextlib.nullcontext() as staging:
+        done = 0
+        for i, m in enumerate(items):
+            data = _read(m)
+            cfg = plane_config(m)
+            info, n_image = plans[i] if plans else seg.plan(data, cfg)
+
+            def overall(ev: Progress, m=m, i=i, done=done) -> Progress:
+                step = done + ev.step if plans else ev.step
+                prefix = f"{m.name} ({i + 1}/{n}): " if n > 1 else ""
+                return Progress(
+                    "tiles", step, total if plans else ev.total,
+                    eta_s=clock.eta(step) if plans else ev.eta_s, message=prefix + ev.message,
+                    data={"image": m.name, "index": i, "n_images": n, "image_step": ev.step,
+                          "image_total": ev.total, "device": seg.device_name},
+                )  # fmt: skip
+
+            res = yield from relay(
+                seg.segment(data, cfg, with_attention=with_attention, scale=info), overall
+            )
+            done += n_image
+            result = Segmented(
+                m.name, res.labels, int(res.labels.max()), res.scale, m.pixel_size, cfg,
+                res.attention, res.device, m.path, res,
+            )  # fmt: skip
+            if staging is not None:
+                _write_segmented(staging, result, data, csv)
+                if not keep_labels:
+                    result.labels = None
+            results.append(result)
+            yield Progress(
+                "image", i + 1, n, message=f"{m.name}: {result.n_particles} particles",
+                data={"result": result, "device": seg.device_name},
+            )  # fmt: skip
+        if staging is not None:
+            from napari_sagegan.io.tables import write_json
+
+            source = model if isinstance(model, (str, os.PathLike)) else "memory"
+            write_json(
+                staging / REPORT_NAME,
+                {"format": REPORT_FORMAT, "version": REPORT_VERSION, "model": str(source),
+                 "images": [r.report() for r in results]},
+            )  # fmt: skip
+    return results
+
+
+def _write_segmented(folder: Path, r: Segmented, image: Any, csv: bool) -> None:
+    from napari_sagegan.io.export import write_labels_tiff
+
+    stem, px = Path(r.name).stem, r.pixel_size.nm
+    # Fiji-ready labels, calibrated when the pixel size is known (a stack's Z stays a slice)
+    write_labels_tiff(
+        folder / f"{stem}.tif", r.labels, scale=(px, px) if px else None, unit="nm" if px else None
+    )
+    if csv:
+        from napari_sagegan.engine.analysis.measure import measure as measure_labels
+        from napari_sagegan.io.tables import write_measurements
+
+        m = measure_labels(r.labels, np.asarray(image), px)
+        write_measurements(
+            folder / f"{stem}.csv", m, pixel_size_source=r.pixel_size.source if px else None
+        )

@@ -1,0 +1,282 @@
+"""The one fit loop both trainers drive: epochs of steps under a time budget, with an ETA,
+periodic validation, best-model selection and a history.
+
+:class:`Fit` is the base of :class:`~napari_sagegan.engine.train.segmenter.SegmenterTrainer`
+(phase 1) and :class:`~napari_sagegan.engine.train.gan.GanTrainer` (phase 2), which only
+define their step and their validation (the hooks below). :meth:`Fit.run` is a generator of
+:class:`~napari_sagegan.util.progress.Progress` events:
+
+* ``"train"`` after every optimisation step: ``data = {"epoch": e, **losses}``, an ETA that
+  never exceeds the time left in the budget;
+* whatever :meth:`Fit.after_step` yields (phase 2's ``"preview"`` images);
+* ``"validate"`` every ``val_every`` epochs and after the last one (also when the budget
+  ends an epoch early): ``data = {**record, "improved": bool}``, where the record holds the
+  epoch, the step count, the epoch's mean losses and the ``val_*`` scores.
+
+It returns :meth:`Fit.result`. A caller stops it between any two events with ``close()``:
+the best weights so far stay in :attr:`Fit.best_state` (and on disk when the trainer writes
+them at every improvement).
+
+Selection is on validation instance F1 at IoU 0.5, ties broken by Dice
+(:meth:`Fit.beats`); without validation images the latest weights are kept.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Generator, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from napari_sagegan.engine.analysis.metrics import evaluate_pair, mean_metrics
+from napari_sagegan.engine.config import InferConfig, TrainConfig
+from napari_sagegan.engine.data.pairs import TrainingPairs, prepare_pairs
+from napari_sagegan.engine.device import describe_device, resolve_device
+from napari_sagegan.util.progress import Progress, run_to_end
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) random generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002  (third-party code may use the legacy global)
+    torch.manual_seed(seed)
+
+
+def validate_segmenter(
+    model: torch.nn.Module,
+    images: Sequence[Any],
+    labels: Sequence[Any],
+    infer: InferConfig,
+    *,
+    device: torch.device,
+) -> dict[str, float]:
+    """Segment ``images`` with ``model`` (tiled, as at inference) and score them against
+    ``labels``: the mean of :func:`~napari_sagegan.engine.analysis.metrics.evaluate_pair`
+    (``dice``, ``f1@0.5``, ...); ``{}`` without images. The model is left in train mode."""
+    from napari_sagegan.engine.infer.postprocess import instances_from_maps
+    from napari_sagegan.engine.infer.tiling import predict_tiled
+    from napari_sagegan.engine.nets.attention_unet import maps_from_logits
+
+    if not images:
+        return {}
+    model.eval()
+    arch = model.config
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return maps_from_logits(model(x.to(device)))
+
+    rows = []
+    for image, lab in zip(images, labels):
+        maps = run_to_end(
+            predict_tiled(
+                fn,
+                image,
+                tile_size=infer.tile_size,
+                overlap=infer.overlap,
+                batch_size=infer.batch_size,
+                divisor=arch.divisor,
+                device=device,
+                channels_last=False,
+            )
+        )
+        pred = instances_from_maps(
+            maps[0],
+            maps[1] if arch.dist_head else None,
+            threshold=infer.threshold,
+            seed_threshold=infer.seed_threshold,
+            split=infer.split,
+            fill_holes=infer.fill_holes,
+            min_size=infer.min_size,
+        )
+        rows.append(evaluate_pair(pred, np.asarray(lab)))
+    model.train()
+    return mean_metrics(rows)
+
+
+class Fit:
+    """Base of the trainers: the loop, the budget, the selection and the history.
+
+    A subclass sets, in its ``__init__``: :attr:`train_config` (epochs, steps per epoch,
+    budget, validation period, patch and batch size), :attr:`pairs`, :attr:`sampler` (for
+    the default epoch length), :attr:`device`, and optionally :attr:`start_epoch`,
+    :attr:`step`, :attr:`history` and the ``best_*`` attributes when resuming. It defines
+    :meth:`train_step`, :meth:`validate_epoch` and :meth:`result`, and may override the
+    other hooks.
+    """
+
+    train_config: TrainConfig
+    pairs: TrainingPairs
+    device: torch.device
+    sampler: Any
+    #: Record keys averaged over the epoch (``None``: every key of the step's losses).
+    record_keys: tuple[str, ...] | None = None
+
+    def _setup(
+        self,
+        images: Sequence[Any],
+        labels: Sequence[Any],
+        config: TrainConfig,
+        *,
+        device: str,
+        val_images: Sequence[Any] | None,
+        val_labels: Sequence[Any] | None,
+    ) -> TrainingPairs:
+        """Check and split the pairs (at their own scale), set torch's threads, seed every
+        generator and resolve the device."""
+        pairs = prepare_pairs(
+            images,
+            labels,
+            val_fraction=config.val_fraction,
+            seed=config.seed,
+            val_images=val_images,
+            val_labels=val_labels,
+        )
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        seed_everything(config.seed)
+        self.device = resolve_device(device)
+        return pairs
+
+    def _init_fit(self) -> None:
+        self.start_epoch = 0
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.best_score: tuple[float, float] = (-1.0, -1.0)
+        self.best_metrics: dict[str, float] = {}
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.stopped_by = "epochs"  # "epochs" | "time"
+
+    # ------------------------------------------------------------------ data
+    @property
+    def train_images(self) -> list[np.ndarray]:
+        return self.pairs.train_images
+
+    @property
+    def train_labels(self) -> list[np.ndarray]:
+        return self.pairs.train_labels
+
+    @property
+    def val_images(self) -> list[Any]:
+        return self.pairs.val_images
+
+    @property
+    def val_labels(self) -> list[Any]:
+        return self.pairs.val_labels
+
+    @property
+    def device_name(self) -> str:
+        """The device, for the user (e.g. ``cpu (4 threads)``)."""
+        return describe_device(self.device)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """``train_config.steps_per_epoch``, or (0) one pass over the training images' area."""
+        cfg = self.train_config
+        if cfg.steps_per_epoch > 0:
+            return cfg.steps_per_epoch
+        per_batch = cfg.patch_size**2 * cfg.batch_size
+        return max(1, math.ceil(self.sampler.pixels / per_batch))
+
+    # ------------------------------------------------------------------ selection
+    def beats(self, metrics: dict[str, float]) -> bool:
+        """Whether weights scoring ``metrics`` beat the best so far: higher F1@0.5, ties
+        broken by Dice; always when there are no validation metrics."""
+        return not metrics or (metrics["f1@0.5"], metrics["dice"]) > self.best_score
+
+    def keep_best(self, metrics: dict[str, float], state: dict[str, torch.Tensor]) -> None:
+        """Make ``state`` (a CPU copy of the weights) the best so far, scoring ``metrics``."""
+        self.best_score = (metrics.get("f1@0.5", 0.0), metrics.get("dice", 0.0))
+        self.best_metrics = dict(metrics)
+        self.best_state = state
+
+    # ------------------------------------------------------------------ hooks
+    def before_fit(self, total: int) -> Iterator[Progress]:
+        """Runs (and may yield) before the first step."""
+        return iter(())
+
+    def train_step(self, epoch: int) -> dict[str, float]:
+        """One optimisation step of (1-based) ``epoch``; increments :attr:`step` and returns
+        the losses (``"loss"`` at least) for the ``train`` event."""
+        raise NotImplementedError
+
+    def step_note(self, parts: dict[str, float]) -> str:
+        """End of the ``train`` event's message."""
+        return f"loss {parts['loss']:.4f}"
+
+    def after_step(self, done: int, total: int) -> Iterator[Progress]:
+        """Extra events after a ``train`` event."""
+        return iter(())
+
+    def validate_epoch(self, epoch: int, record: dict[str, Any]) -> tuple[str, bool]:
+        """Validate after ``epoch``: add the ``val_*`` scores to ``record``, select; returns
+        the ``validate`` event's message and whether the best model changed."""
+        raise NotImplementedError
+
+    def after_validation(self, epoch: int, improved: bool) -> None:
+        """After the record is in :attr:`history`: write files."""
+
+    def result(self) -> Any:
+        """What :meth:`run` returns (also valid after a cancel)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> Generator[Progress, None, Any]:
+        """Train; yields progress after every step and validation; returns :meth:`result`."""
+        cfg = self.train_config
+        spe = self.steps_per_epoch
+        total = spe * max(0, cfg.epochs - self.start_epoch)
+        budget = cfg.max_minutes * 60.0 if cfg.max_minutes else None
+        t0 = time.perf_counter()
+        yield from self.before_fit(total)
+        done = 0
+        for epoch in range(self.start_epoch + 1, cfg.epochs + 1):
+            sums: dict[str, float] = {}
+            n = 0
+            out_of_time = False
+            for _ in range(spe):
+                parts = self.train_step(epoch)
+                done += 1
+                n += 1
+                for k in self.record_keys or parts:
+                    sums[k] = sums.get(k, 0.0) + parts[k]
+                elapsed = time.perf_counter() - t0
+                eta = elapsed / done * (total - done)
+                if budget is not None:
+                    eta = min(eta, max(0.0, budget - elapsed))
+                yield Progress(
+                    "train",
+                    done,
+                    total,
+                    eta_s=eta,
+                    message=f"epoch {epoch}/{cfg.epochs} step {done}/{total} "
+                    + self.step_note(parts),
+                    data={"epoch": epoch, **parts},
+                )
+                yield from self.after_step(done, total)
+                if budget is not None and elapsed >= budget:
+                    out_of_time = True
+                    break
+            record: dict[str, Any] = {"epoch": epoch, "step": self.step}
+            record.update({k: v / max(n, 1) for k, v in sums.items()})
+            if epoch % cfg.val_every == 0 or epoch == cfg.epochs or out_of_time:
+                message, improved = self.validate_epoch(epoch, record)
+                self.history.append(record)
+                self.after_validation(epoch, improved)
+                yield Progress(
+                    "validate",
+                    done,
+                    total,
+                    eta_s=None,
+                    message=message,
+                    data={**record, "improved": improved},
+                )
+            else:
+                self.history.append(record)
+            if out_of_time:
+                self.stopped_by = "time"
+                break
+        return self.result()

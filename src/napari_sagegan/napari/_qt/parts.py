@@ -1,0 +1,387 @@
+"""The parts the docks are composed of: progress panel, pair picker, model and device choosers.
+
+- :class:`ProgressPanel`: a progress bar with a real total, an ETA line and Cancel.
+- :class:`PairPicker`: the list of (image, labels) training pairs of the viewer, a view of
+  one :class:`~napari_sagegan.napari.state.TrainingSet`, plus an optional folder of pairs.
+- :class:`ModelCombo`: the models of the viewer's
+  :class:`~napari_sagegan.napari.state.ModelStore`.
+- :class:`LayerCombo`: the viewer's layers of one kind, following them.
+- :func:`device_combo`: ``auto | cpu | cuda | mps``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_sagegan.napari.layers import PairCandidate, candidate_pairs
+from napari_sagegan.napari.state import ModelEntry, ModelStore, TrainingSet
+
+__all__ = [
+    "DEVICES",
+    "LayerCombo",
+    "ModelCombo",
+    "PairPicker",
+    "ProgressPanel",
+    "device_combo",
+    "format_eta",
+]
+
+#: The devices offered (see :func:`napari_sagegan.engine.device.resolve_device`).
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+_ROLE = Qt.ItemDataRole.UserRole
+
+
+def format_eta(seconds: float | None) -> str:
+    """``"ETA 1 min 05 s"`` style text; empty when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return ""
+    s = int(round(seconds))
+    if s < 60:
+        return f"ETA {s} s"
+    if s < 3600:
+        return f"ETA {s // 60} min {s % 60:02d} s"
+    return f"ETA {s // 3600} h {(s % 3600) // 60:02d} min"
+
+
+def device_combo(tooltip: str | None = None) -> QComboBox:
+    """A chooser of ``auto | cpu | cuda | mps``."""
+    combo = QComboBox()
+    combo.addItems(DEVICES)
+    if tooltip:
+        combo.setToolTip(tooltip)
+    return combo
+
+
+class ProgressPanel(QWidget):
+    """A progress bar with a real total, an ETA / status line and a Cancel button."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.bar = QProgressBar()
+        self.bar.setRange(0, 1)
+        self.bar.setValue(0)
+        self.bar.setFormat("%v / %m")
+        self.bar.setTextVisible(False)  # no "0 / 1" before anything ran
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.setToolTip("Stop at the next tile or training step")
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        row = QHBoxLayout()
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.bar, 1)
+        row.addWidget(self.cancel_button)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addLayout(row)
+        lay.addWidget(self.status)
+
+    def start(self, text: str) -> None:
+        self.bar.setRange(0, 0)  # busy until the first event gives a total
+        self.bar.setValue(0)
+        self.bar.setTextVisible(True)
+        self.status.setText(text)
+        self.cancel_button.setEnabled(True)
+
+    def update_progress(self, step: int, total: int | None, eta_s: float | None, text: str):
+        if total:
+            self.bar.setRange(0, int(total))
+            self.bar.setValue(min(int(step), int(total)))
+        eta = format_eta(eta_s)
+        self.status.setText(f"{text}  ·  {eta}" if eta else text)
+
+    def show(self, ev: Any) -> None:
+        """Show one progress event (step / total, ETA and message)."""
+        self.update_progress(ev.step, ev.total, ev.eta_s, ev.message)
+
+    def finish(self, text: str) -> None:
+        if self.bar.maximum() == 0:
+            self.bar.setRange(0, 1)
+        self.cancel_button.setEnabled(False)
+        self.status.setText(text)
+
+
+def _plain_text(candidate: PairCandidate) -> tuple[str, str]:
+    return candidate.name, ""
+
+
+def edited_text(candidate: PairCandidate) -> tuple[str, str]:
+    """``(text, tooltip)`` of a pair: its name, ``(edited)``, and its image when not obvious."""
+    labels, image = candidate.labels, candidate.image
+    text = labels.name + ("  (edited)" if candidate.edited else "")
+    if not labels.name.startswith(image.name):
+        text += f"  (image: {image.name})"
+    return text, f"Labels layer {labels.name!r} on image {image.name!r}"
+
+
+class PairPicker(QWidget):
+    """The viewer's training pairs, ticked as in a :class:`TrainingSet`, and a folder.
+
+    A view of ``training_set``: the rows are the Labels layers whose image is open
+    (:func:`~napari_sagegan.napari.layers.candidate_pairs`), ticked by the set's rule; a
+    tick by the user is recorded in the set, and a change of the set (another dock ticking
+    pairs) is shown at once. The list follows the layers (added, removed and, with
+    ``watch_edits``, painted: refreshed 300 ms after the last stroke).
+
+    Parameters
+    ----------
+    viewer : napari.viewer.Viewer
+    training_set : TrainingSet
+    text : callable, optional
+        ``text(candidate) -> (text, tooltip)`` of a row (default: the layer name).
+    watch_edits : bool
+        Refresh when a Labels layer is painted (the ticks depend on edits).
+
+    Attributes
+    ----------
+    list : QListWidget
+    refresh_button, folder_button : QPushButton
+    folder_edit : QLineEdit
+        An optional folder of image + mask files; see :meth:`folder`.
+    folder_row : QHBoxLayout
+        The folder field and its button, for the dock's form.
+    """
+
+    def __init__(
+        self,
+        viewer: Any,
+        training_set: TrainingSet,
+        *,
+        text: Callable[[PairCandidate], tuple[str, str]] | None = None,
+        watch_edits: bool = False,
+        title: str = "Training pairs",
+        parent: QWidget | None = None,
+    ) -> None:
+        super().__init__(parent)
+        self.viewer = viewer
+        self.training_set = training_set
+        self._text = text or _plain_text
+        self._own_change = False
+        self.list = QListWidget()
+        self.refresh_button = QPushButton("Refresh")
+        self.folder_edit = QLineEdit()
+        self.folder_edit.setPlaceholderText("optional: folder of image + mask files")
+        self.folder_edit.setToolTip(
+            "Extra pairs from disk: each mask named like its image (a.tif + a_mask.tif)"
+        )
+        self.folder_button = QPushButton("Browse...")
+        self.folder_row = QHBoxLayout()
+        self.folder_row.addWidget(self.folder_edit, 1)
+        self.folder_row.addWidget(self.folder_button)
+        head = QHBoxLayout()
+        head.addWidget(QLabel(title), 1)
+        head.addWidget(self.refresh_button)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addLayout(head)
+        lay.addWidget(self.list)
+
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(300)
+        self._timer.timeout.connect(self.refresh)
+        self.refresh_button.clicked.connect(self.refresh)
+        self.folder_button.clicked.connect(self._folder_dialog)
+        self.list.itemChanged.connect(self._item_changed)
+        layers = viewer.layers
+        if watch_edits:
+            layers.events.inserted.connect(self._on_inserted)
+            layers.events.removed.connect(self.schedule_refresh)
+            for layer in layers:
+                self._watch(layer)
+        else:
+            layers.events.inserted.connect(self.refresh)
+            layers.events.removed.connect(self.refresh)
+        training_set.subscribe(self.refresh)
+        self.refresh()
+
+    # ------------------------------------------------------------------ following layers
+    def _watch(self, layer: Any) -> None:
+        if type(layer).__name__ == "Labels":
+            layer.events.paint.connect(self.schedule_refresh)
+            layer.events.data.connect(self.schedule_refresh)
+
+    def _on_inserted(self, event: Any) -> None:
+        self._watch(event.value)
+        self.schedule_refresh()
+
+    def schedule_refresh(self, *_: Any) -> None:
+        """Refresh soon (once after a burst of paint strokes)."""
+        try:
+            self._timer.start()
+        except RuntimeError:  # deleted widget
+            pass
+
+    # ------------------------------------------------------------------ the rows
+    def refresh(self, *_: Any) -> None:
+        """List the pairs with the training set's ticks."""
+        if self._own_change:
+            return
+        rows = self.training_set.rows(candidate_pairs(self.viewer.layers))
+        try:
+            self.list.blockSignals(True)
+        except RuntimeError:  # the widget was deleted; the state outlives it
+            return
+        try:
+            self.list.clear()
+            for candidate, ticked in rows:
+                text, tip = self._text(candidate)
+                item = QListWidgetItem(text)
+                if tip:
+                    item.setToolTip(tip)
+                item.setData(_ROLE, candidate.name)
+                item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+                item.setCheckState(Qt.CheckState.Checked if ticked else Qt.CheckState.Unchecked)
+                self.list.addItem(item)
+        finally:
+            self.list.blockSignals(False)
+
+    def _item_changed(self, item: QListWidgetItem) -> None:
+        self._own_change = True  # the list shows it already
+        try:
+            checked = item.checkState() == Qt.CheckState.Checked
+            self.training_set.choose(item.data(_ROLE), checked)
+        finally:
+            self._own_change = False
+
+    def names(self) -> list[str]:
+        """The Labels layer names listed."""
+        return [self.list.item(i).data(_ROLE) for i in range(self.list.count())]
+
+    def checked_labels(self) -> list[str]:
+        """The Labels layer names ticked, in the list's order."""
+        return [
+            self.list.item(i).data(_ROLE)
+            for i in range(self.list.count())
+            if self.list.item(i).checkState() == Qt.CheckState.Checked
+        ]
+
+    def set_checked(self, labels_name: str, checked: bool = True) -> None:
+        """Tick or untick a listed pair by its Labels layer name (as a click would)."""
+        state = Qt.CheckState.Checked if checked else Qt.CheckState.Unchecked
+        for i in range(self.list.count()):
+            item = self.list.item(i)
+            if item.data(_ROLE) == labels_name:
+                item.setCheckState(state)
+
+    # ------------------------------------------------------------------ folder
+    def folder(self) -> str | None:
+        """The folder of extra pairs, or ``None``."""
+        return self.folder_edit.text().strip() or None
+
+    def _folder_dialog(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Folder of image + mask pairs")
+        if path:
+            self.folder_edit.setText(path)
+
+
+class ModelCombo(QComboBox):
+    """The models of a :class:`ModelStore`, showing its current model after every change."""
+
+    def __init__(self, store: ModelStore, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.store = store
+        store.subscribe(self.refresh)
+        self.refresh()
+
+    def refresh(self) -> None:
+        try:
+            self.blockSignals(True)
+        except RuntimeError:  # the widget was deleted; the store outlives it
+            return
+        try:
+            self.clear()
+            for entry in self.store.entries:
+                self.addItem(entry.name)
+            self.setCurrentIndex(self.store.entries.index(self.store.current))
+        finally:
+            self.blockSignals(False)
+
+    def entry(self) -> ModelEntry:
+        """The model chosen (the current one when the choice is gone)."""
+        index = self.currentIndex()
+        if 0 <= index < len(self.store.entries):
+            return self.store.entries[index]
+        return self.store.current
+
+
+class LayerCombo(QComboBox):
+    """The names of the viewer's layers of one kind, kept up to date (selection kept).
+
+    Parameters
+    ----------
+    viewer : napari.viewer.Viewer
+    kind : type
+        The layer class listed (``napari.layers.Image``, ``Labels``).
+    extra : list of str
+        Entries listed first (e.g. ``"(none)"``).
+    on_refresh : callable, optional
+        Called after every refresh (the list changed, or the layers were renamed).
+    """
+
+    def __init__(
+        self,
+        viewer: Any,
+        kind: type,
+        *,
+        extra: tuple[str, ...] = (),
+        on_refresh: Callable[[], None] | None = None,
+        parent: QWidget | None = None,
+    ) -> None:
+        super().__init__(parent)
+        self.viewer = viewer
+        self.kind = kind
+        self.extra = list(extra)
+        self.on_refresh = on_refresh
+        for event in ("inserted", "removed", "reordered", "moved", "changed"):
+            emitter = getattr(viewer.layers.events, event, None)
+            if emitter is not None:
+                emitter.connect(self.refresh)
+        self.refresh()
+
+    def layers(self) -> list[Any]:
+        """The listed layers, in the viewer's order."""
+        return [layer for layer in self.viewer.layers if isinstance(layer, self.kind)]
+
+    def refresh(self, *_: Any) -> None:
+        try:
+            current = self.currentText()
+        except RuntimeError:  # the widget was deleted; the viewer outlives it
+            return
+        names = self.extra + [layer.name for layer in self.layers()]
+        self.blockSignals(True)
+        try:
+            self.clear()
+            self.addItems(names)
+            if current in names:
+                self.setCurrentText(current)
+        finally:
+            self.blockSignals(False)
+        if self.on_refresh is not None:
+            self.on_refresh()
+
+    def layer(self) -> Any:
+        """The chosen layer, or ``None``."""
+        name = self.currentText()
+        layers = self.viewer.layers
+        if name and name in layers and isinstance(layers[name], self.kind):
+            return layers[name]
+        return None

@@ -1,0 +1,334 @@
+"""The per-viewer state of the plugin: models, training sets, the phase-2 generator (no Qt).
+
+One :class:`ViewerState` per napari viewer, found from the viewer with
+:func:`viewer_state` (created on first use, dropped with the viewer): every dock of a viewer
+reads and changes the same state, and docks never look for each other. Plain Python, so it
+is tested without a viewer; a dock is a view that subscribes to the parts it shows
+(:meth:`Observable.subscribe`) and is called back after every change.
+
+- :class:`ModelStore` (``state.models``): the segmenters the user can pick
+  (:class:`ModelEntry`: the bundled default, files, fine-tuned ones), the current one and
+  the previous one for roll-back.
+- :class:`TrainingSet` (``state.retrain_set``, ``state.augment_set``): which Labels layers
+  are ticked as training pairs for fine-tuning and for phase 2.
+- :class:`Phase2` (``state.phase2``): the trained phase-2 generator, the masks new pairs are
+  drawn from, and how many pairs were generated.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_sagegan.napari.layers import PairCandidate
+
+
+class Observable:
+    """Something a dock shows: it calls its subscribers back after every change.
+
+    A bound method is held weakly, so a closed dock is not kept alive by the state.
+    """
+
+    def __init__(self) -> None:
+        self._listeners: list[Callable[[], Callable[[], None] | None]] = []
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` after every change."""
+        ref = weakref.WeakMethod(callback) if hasattr(callback, "__self__") else None
+        self._listeners.append(ref if ref is not None else (lambda: callback))
+
+    def unsubscribe(self, callback: Callable[[], None]) -> None:
+        self._listeners = [r for r in self._listeners if r() not in (None, callback)]
+
+    @property
+    def n_subscribers(self) -> int:
+        """How many subscribers are still alive (e.g. docks showing this part)."""
+        return sum(r() is not None for r in self._listeners)
+
+    def _changed(self) -> None:
+        alive = []
+        for ref in list(self._listeners):
+            cb = ref()
+            if cb is not None:
+                alive.append(ref)
+                cb()
+        self._listeners = alive
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass(eq=False)
+class ModelEntry:
+    """A segmenter the user can pick: the bundled default, a file or a fine-tuned model.
+
+    Attributes
+    ----------
+    name : str
+        What the user sees (``"bundled default"``, the file name, ``"fine-tuned 1"``).
+    source : str
+        ``"default"``, a checkpoint path, or ``"memory"`` for a model not saved yet.
+    ckpt : Checkpoint or None
+        The loaded :class:`~napari_sagegan.engine.checkpoint.Checkpoint` (a mapping:
+        ``arch``, ``state_dict``, ``infer``, ``metrics``, ...); loaded on first use by
+        :meth:`load` (in the worker thread).
+    """
+
+    name: str
+    source: str
+    ckpt: Any = None
+    _segmenters: dict = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def load(self) -> Any:
+        """The checkpoint, read from disk on first use.
+
+        Raises
+        ------
+        FileNotFoundError, napari_sagegan.engine.checkpoint.CheckpointError
+            Missing file (the bundled default not installed) or an unusable file.
+        """
+        with self._lock:
+            if self.ckpt is None:
+                from napari_sagegan.engine.checkpoint import Checkpoint
+
+                self.ckpt = Checkpoint.load(self.source, kind="segmenter")
+            return self.ckpt
+
+    def segmenter(self, device: str = "auto") -> Any:
+        """A :class:`~napari_sagegan.engine.infer.segment.Segmenter` on ``device`` (cached)."""
+        from napari_sagegan.engine.checkpoint import Checkpoint
+        from napari_sagegan.engine.infer.segment import Segmenter
+
+        ckpt = Checkpoint.load(self.load(), kind="segmenter")
+        with self._lock:
+            seg = self._segmenters.get(device)
+            if seg is None:
+                seg = Segmenter(ckpt.build(), device=device, checkpoint=ckpt)
+                self._segmenters[device] = seg
+            return seg
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The checkpoint's stored validation metrics (empty until loaded)."""
+        return dict((self.ckpt or {}).get("metrics") or {})
+
+    def check_available(self) -> None:
+        """Raise ``FileNotFoundError`` when the model file is missing (cheap, main thread)."""
+        if self.ckpt is not None or self.source == "memory":
+            return
+        from napari_sagegan.engine.checkpoint import resolve_model_path
+
+        try:
+            resolve_model_path(self.source)
+        except FileNotFoundError as err:
+            if self.source == "default":
+                raise FileNotFoundError(
+                    "the bundled default model is not installed in this copy of "
+                    "napari-sagegan; load a model file (Load model...) or train one with "
+                    "`sagegan train`"
+                ) from err
+            raise
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write this model as a napari-sagegan checkpoint file (atomically); ``.pt`` is
+        added to a path without a suffix."""
+        from napari_sagegan.engine.checkpoint import Checkpoint
+
+        path = Path(path).expanduser()
+        if path.suffix == "":
+            path = path.with_suffix(".pt")
+        return Checkpoint.load(self.load(), kind="segmenter").save(path)
+
+
+class ModelStore(Observable):
+    """The models known to one viewer, the current one and the previous one.
+
+    The previous model is kept for comparison and roll-back (:meth:`use_previous`). At
+    most :attr:`MAX_ENTRIES` models are kept in memory; the oldest ones that are neither
+    current nor previous are dropped first.
+    """
+
+    MAX_ENTRIES = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entries: list[ModelEntry] = [ModelEntry("bundled default", "default")]
+        self.current: ModelEntry = self.entries[0]
+        self.previous: ModelEntry | None = None
+        self._n_tuned = 0
+
+    def find(self, name: str) -> ModelEntry | None:
+        """The entry shown as ``name``, or ``None``."""
+        return next((e for e in self.entries if e.name == name), None)
+
+    def select(self, entry: ModelEntry) -> None:
+        """Make ``entry`` the current model (the current one becomes the previous one)."""
+        if entry not in self.entries:
+            self.entries.append(entry)
+        if entry is not self.current:
+            self.previous, self.current = self.current, entry
+        self._trim()
+        self._changed()
+
+    def add_file(self, path: str | os.PathLike) -> ModelEntry:
+        """Load a checkpoint file (validated now) and make it current."""
+        from napari_sagegan.engine.checkpoint import Checkpoint
+
+        path = Path(path).expanduser()
+        for entry in self.entries:
+            if entry.source == str(path):
+                entry.ckpt = None  # the file may have changed: read it again
+                entry._segmenters.clear()
+                entry.load()
+                self.select(entry)
+                return entry
+        entry = ModelEntry(path.name, str(path), Checkpoint.load(path, kind="segmenter"))
+        self.select(entry)
+        return entry
+
+    def add_tuned(self, ckpt: Any) -> ModelEntry:
+        """Register a fine-tuned model (kept in memory) and make it current."""
+        self._n_tuned += 1
+        entry = ModelEntry(f"fine-tuned {self._n_tuned}", "memory", ckpt)
+        self.select(entry)
+        return entry
+
+    def use_previous(self) -> ModelEntry:
+        """Swap the current and the previous model (roll-back, and back again)."""
+        if self.previous is None:
+            raise ValueError("there is no previous model to go back to")
+        self.current, self.previous = self.previous, self.current
+        self._changed()
+        return self.current
+
+    def _trim(self) -> None:
+        keep = {id(self.current), id(self.previous)}
+        while len(self.entries) > self.MAX_ENTRIES:
+            for i, entry in enumerate(self.entries):
+                if id(entry) not in keep and entry.source != "default":
+                    del self.entries[i]
+                    break
+            else:
+                break
+
+
+# --------------------------------------------------------------------------- training sets
+
+
+def tick_edited(candidate: PairCandidate, choice: bool | None) -> bool:
+    """Fine-tuning's rule: a corrected layer is always ticked; others as the user chose."""
+    return True if candidate.edited else bool(choice)
+
+
+def tick_real(candidate: PairCandidate, choice: bool | None) -> bool:
+    """Phase 2's rule: real pairs ticked, generated ones not, until the user chooses."""
+    return (not candidate.synthetic) if choice is None else choice
+
+
+class TrainingSet(Observable):
+    """Which Labels layers are ticked as training pairs (by name).
+
+    Parameters
+    ----------
+    rule : callable
+        ``rule(candidate, choice) -> ticked``: ``choice`` is the user's last tick for
+        that layer (``None``: never chosen); see :func:`tick_edited`, :func:`tick_real`.
+    """
+
+    def __init__(self, rule: Callable[[PairCandidate, bool | None], bool]) -> None:
+        super().__init__()
+        self.rule = rule
+        self.choices: dict[str, bool] = {}
+
+    def rows(self, candidates: Iterable[PairCandidate]) -> list[tuple[PairCandidate, bool]]:
+        """The listable candidates (their image is open) with their tick.
+
+        The ticks listed become the choices remembered (as a list widget remembers its
+        ticks); the choices for layers no longer listed are forgotten.
+        """
+        out = [(c, self.rule(c, self.choices.get(c.name))) for c in candidates if c.image]
+        self.choices = {c.name: ticked for c, ticked in out}
+        return out
+
+    def ticked(self) -> list[str]:
+        """The names ticked when the rows were last listed or chosen since."""
+        return [name for name, ticked in self.choices.items() if ticked]
+
+    def choose(self, names: str | Sequence[str], ticked: bool = True) -> None:
+        """Record the user's tick (or untick) of one or several layers."""
+        names = [names] if isinstance(names, str) else list(names)
+        changed = False
+        for name in names:
+            changed |= self.choices.get(name) is not ticked
+            self.choices[name] = bool(ticked)
+        if changed:
+            self._changed()
+
+
+# --------------------------------------------------------------------------- phase 2
+
+
+class Phase2(Observable):
+    """The result of phase-2 training that "Generate pairs" draws from.
+
+    Attributes
+    ----------
+    generator : Checkpoint or None
+        The generator checkpoint (``None`` until phase 2 was trained in this viewer).
+    source_labels : list of np.ndarray
+        The training masks at network scale: new layouts are drawn from them.
+    n_made : int
+        Pairs generated so far (numbers the next ones, seeds the next draw).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generator: Any = None
+        self.source_labels: list[np.ndarray] = []
+        self.n_made = 0
+
+    def set_generator(self, generator: Any, source_labels: Sequence[np.ndarray]) -> None:
+        """Keep a newly trained generator and its source masks."""
+        self.generator = generator
+        self.source_labels = list(source_labels)
+        self._changed()
+
+    def made(self, n: int) -> int:
+        """Count ``n`` new pairs; returns the number of the first one."""
+        start = self.n_made + 1
+        self.n_made += int(n)
+        self._changed()
+        return start
+
+
+# --------------------------------------------------------------------------- per viewer
+
+
+class ViewerState:
+    """Everything the plugin's docks share in one viewer (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.models = ModelStore()
+        self.retrain_set = TrainingSet(tick_edited)
+        self.augment_set = TrainingSet(tick_real)
+        self.phase2 = Phase2()
+
+
+_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def viewer_state(viewer: Any) -> ViewerState:
+    """The :class:`ViewerState` of ``viewer`` (created on first use, dropped with it)."""
+    state = _STATES.get(viewer)
+    if state is None:
+        state = ViewerState()
+        _STATES[viewer] = state
+    return state
