@@ -29,7 +29,7 @@ import emps  # noqa: E402
 from _common import machine, markdown_table, write_section  # noqa: E402
 from napari_sagegan.engine.analysis.metrics import evaluate_pair, mean_metrics  # noqa: E402
 from napari_sagegan.engine.config import ArchConfig, InferConfig, TrainConfig, preset  # noqa: E402
-from napari_sagegan.engine.data.pairs import normalize  # noqa: E402
+from napari_sagegan.engine.data.intensity import normalize  # noqa: E402
 from napari_sagegan.engine.infer.postprocess import instances_from_maps, watershed_baseline  # noqa: E402
 from napari_sagegan.engine.infer.segment import Segmenter  # noqa: E402
 from napari_sagegan.engine.nets.attention_unet import count_parameters  # noqa: E402

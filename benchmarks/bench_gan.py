@@ -40,12 +40,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import emps  # noqa: E402
 from _common import ROOT, machine, markdown_table, write_section  # noqa: E402
 from napari_sagegan.engine.analysis.metrics import evaluate_pair, mean_metrics  # noqa: E402
-from napari_sagegan.engine.checkpoint import load_checkpoint  # noqa: E402
-from napari_sagegan.engine.config import TrainConfig, preset  # noqa: E402
-from napari_sagegan.engine.data.pairs import normalize, split_indices  # noqa: E402
+from napari_sagegan.engine.checkpoint import Checkpoint  # noqa: E402
+from napari_sagegan.engine.config import GanConfig, TrainConfig, preset  # noqa: E402
+from napari_sagegan.engine.data.intensity import normalize  # noqa: E402
+from napari_sagegan.engine.data.pairs import TrainingPairs, split_indices  # noqa: E402
 from napari_sagegan.engine.infer.segment import Segmenter  # noqa: E402
 from napari_sagegan.engine.synthetic.layouts import make_masks, synthesize_pairs, to_uint8  # noqa: E402
-from napari_sagegan.engine.train.gan import GanConfig, GanTrainer, ssim_index  # noqa: E402
+from napari_sagegan.engine.train.gan import GanTrainer  # noqa: E402
+from napari_sagegan.engine.train.losses import ssim_index  # noqa: E402
 from napari_sagegan.engine.train.segmenter import SegmenterTrainer  # noqa: E402
 from napari_sagegan.util.progress import run_to_end  # noqa: E402
 
@@ -103,8 +105,8 @@ def generator_ssim(trainer: GanTrainer, gen, holdout, crop: int = 128):
     and, for reference, of a flat image at the crop's mean grey."""
     imgs = [p[1] for p in holdout]
     labs = [p[2] for p in holdout]
-    if hasattr(trainer.seg, "_to_network_scale"):
-        imgs, labs = trainer.seg._to_network_scale(imgs, labs)
+    scaled = TrainingPairs(imgs, labs, [], []).at_scale(trainer.seg_config.target_diameter)
+    imgs, labs = scaled.train_images, scaled.train_labels
     g = torch.Generator().manual_seed(0)
     vals, flat, samples = [], [], []
     for im, lab in zip(imgs, labs):
@@ -159,7 +161,7 @@ def run_size(args) -> None:
     gan_d, res_d = phase2(
         images, labels, out_dir / "p1.pt", B / 4, out_dir / "d_gan", args.seed, args.gan_lr
     )
-    src = gan_d.seg.train_labels
+    src = gan_d.train_labels
     half = max(1, args.size // 2)
     shape = tuple(int(s) for s in np.median([m.shape for m in src], axis=0))
     masks = make_masks(src, half, layout="real", seed=args.seed) + make_masks(
@@ -217,7 +219,7 @@ def run_size(args) -> None:
         "gan_steps_d": gan_d.step,
         "val_c": {k: res_c.best_metrics.get(k) for k in ("dice", "f1@0.5")},
         "p1_val": gan_c.history[0].get("val_f1@0.5") if gan_c.history else None,
-        "c_epoch_selected": load_checkpoint(ckpts["c"]).get("epoch"),
+        "c_epoch_selected": Checkpoint.load(ckpts["c"]).epoch,
         "n_synthetic": len(pairs),
         "machine": machine(),
         "gan_lr": args.gan_lr,

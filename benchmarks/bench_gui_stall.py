@@ -58,15 +58,15 @@ def ensure_display() -> subprocess.Popen | None:
 
 def model_entry(choice: str, workdir: Path):
     """The model to run: a file, the bundled default, or an untrained default-size net."""
-    from napari_sagegan.engine.checkpoint import default_model_path, save_checkpoint
+    from napari_sagegan.engine.checkpoint import Checkpoint, default_model_path
     from napari_sagegan.engine.config import InferConfig, preset
     from napari_sagegan.engine.nets.attention_unet import AttentionUNet
-    from napari_sagegan.napari import tasks as _tasks
+    from napari_sagegan.napari.state import ModelEntry
 
     if choice != "default":
-        return _tasks.ModelEntry(Path(choice).name, choice), Path(choice).name
+        return ModelEntry(Path(choice).name, choice), Path(choice).name
     if default_model_path().is_file():
-        return _tasks.ModelEntry("bundled default", "default"), "bundled default"
+        return ModelEntry("bundled default", "default"), "bundled default"
     # same size and speed as the default model; its untrained output is noise, which is
     # the hardest case for the post-processing (many small fragments)
     import torch
@@ -74,8 +74,8 @@ def model_entry(choice: str, workdir: Path):
     torch.manual_seed(0)
     arch = preset("default")
     path = workdir / "untrained.pt"
-    save_checkpoint(path, AttentionUNet(arch).eval(), arch=arch, infer=InferConfig().to_dict())
-    return _tasks.ModelEntry("untrained default-size", str(path)), "untrained, default preset"
+    Checkpoint.from_model(AttentionUNet(arch).eval(), arch=arch, infer=InferConfig()).save(path)
+    return ModelEntry("untrained default-size", str(path)), "untrained, default preset"
 
 
 def _worker_stack() -> str:

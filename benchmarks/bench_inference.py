@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, markdown_table, write_section  # noqa: E402
 from napari_sagegan.engine.checkpoint import default_model_path  # noqa: E402
 from napari_sagegan.engine.config import InferConfig, preset  # noqa: E402
-from napari_sagegan.engine.data.pairs import apply_range, robust_range  # noqa: E402
+from napari_sagegan.engine.data.intensity import apply_range, robust_range  # noqa: E402
 from napari_sagegan.engine.infer.segment import Segmenter  # noqa: E402
 from napari_sagegan.engine.nets.attention_unet import AttentionUNet, maps_from_logits  # noqa: E402
 from napari_sagegan.util.progress import run_to_end  # noqa: E402

@@ -154,7 +154,7 @@ def write_samples(kinds: list[str], size: int, seed: int, images: Path, truth: P
     import tifffile
 
     from napari_sagegan.engine.synthetic.render import make_sample
-    from napari_sagegan.io.images import write_labels_tif
+    from napari_sagegan.io.export import write_labels_tiff
 
     images.mkdir()
     truth.mkdir()
@@ -168,7 +168,7 @@ def write_samples(kinds: list[str], size: int, seed: int, images: Path, truth: P
             resolution=(1.0 / px, 1.0 / px),
             metadata={"unit": "nm"},
         )
-        write_labels_tif(truth / f"{kind}.tif", labels)
+        write_labels_tiff(truth / f"{kind}.tif", labels)
 
 
 def train(model: str, minutes: float, out: Path, seed: int) -> str:
@@ -177,14 +177,14 @@ def train(model: str, minutes: float, out: Path, seed: int) -> str:
 
     from napari_sagegan.cli import main as sagegan
     from napari_sagegan.engine.synthetic.render import make_training_set
-    from napari_sagegan.io.images import write_labels_tif
+    from napari_sagegan.io.export import write_labels_tiff
 
     tr_img, tr_lab = out / "train" / "images", out / "train" / "masks"
     tr_img.mkdir(parents=True)
     tr_lab.mkdir()
     for i, (img, lab) in enumerate(make_training_set(48, shape=(256, 256), seed=seed + 100)):
         tifffile.imwrite(tr_img / f"t{i:03d}.tif", img)
-        write_labels_tif(tr_lab / f"t{i:03d}.tif", lab)
+        write_labels_tiff(tr_lab / f"t{i:03d}.tif", lab)
     target = out / "train" / "model.pt"
     print(f"demo: fine-tuning the model on 48 generated pairs for {minutes:g} min")
     rc = sagegan(

@@ -220,3 +220,76 @@ def test_resampled_inference_is_the_same_on_a_memmap_and_a_stack(scaled_model, t
     result = scaled_model.segment_sync(stack, config)
     assert result.labels.shape == stack.shape
     assert int(result.labels[0].max()) == int(ref.max())
+
+
+# --------------------------------------------------------------------------- found by the network
+
+
+def test_one_layout_at_several_magnifications_gives_one_count_and_unbiased_sizes(scaled_model):
+    from napari_sagegan.engine.analysis.metrics import size_ratios
+    from napari_sagegan.engine.infer.calibrate import calibrate
+    from napari_sagegan.util.progress import run_to_end
+
+    # calibrate the tiny model's operating point on a few labelled layouts (as training does)
+    cal_imgs, cal_labs = zip(*(layout(m, dark=d, seed=30 + i) for i, (m, d) in
+                              enumerate([(1.0, True), (1.6, False), (2.2, True), (0.8, False)])))  # fmt: skip
+    point = run_to_end(calibrate(scaled_model, list(cal_imgs), list(cal_labs)))
+    assert point.size_bias is not None and abs(point.size_bias - 1) <= 0.05
+    config = scaled_model.default_infer_config(**point.infer_overrides())
+    for m in (0.8, 1.5, 2.5, 4.0):
+        img, lab = layout(m, seed=7)
+        res = scaled_model.segment_sync(img, config)
+        assert res.scale.source == "network", m
+        assert res.scale.diameter == pytest.approx(median_diameter(lab), rel=0.25), m
+        assert int(res.labels.max()) == 6, m
+        ratios = size_ratios(res.labels, lab)
+        assert ratios.size == 6 and abs(float(np.median(ratios)) - 1) <= 0.1, (m, ratios)
+
+
+def test_a_first_guess_wrong_by_5x_still_comes_out_right(scaled_model, monkeypatch):
+    import napari_sagegan.engine.infer.segment as segment_module
+
+    img, lab = layout(2.0, seed=3)
+    true = median_diameter(lab)
+    for wrong in (true * 5, true / 5):
+        monkeypatch.setattr(segment_module, "estimate_diameter", lambda _img, w=wrong: w)
+        res = scaled_model.segment_sync(img)
+        assert res.scale.diameter == pytest.approx(true, rel=0.3), wrong
+        assert int(res.labels.max()) == 6
+        assert evaluate_pair(res.labels, lab)["f1@0.5"] == 1.0
+        # the classical guess alone would have been far off
+        alone = scaled_model.segment_sync(
+            img, InferConfig(tile_size=64, min_size=8, scale_search=False)
+        )
+        assert alone.scale.diameter == pytest.approx(wrong)
+
+
+def test_estimate_scale_reports_a_confidence_and_the_ladder_in_progress(scaled_model):
+    img, lab = layout(1.5, seed=4)
+    gen = scaled_model.estimate_scale(img)
+    events = []
+    try:
+        while True:
+            events.append(next(gen))
+    except StopIteration as stop:
+        info = stop.value
+    assert info.source == "network" and 0.0 <= info.confidence <= 1.0
+    assert info.diameter == pytest.approx(median_diameter(lab), rel=0.25)
+    assert [e.step for e in events] == list(range(1, len(events) + 1)) and events
+    assert all(e.stage == "scale" for e in events)
+    # a user's diameter skips the search
+    given = run_once(scaled_model.estimate_scale(img, InferConfig(diameter=20.0)))
+    assert given.source == "user" and given.diameter == 20.0
+
+
+def run_once(gen):
+    from napari_sagegan.util.progress import run_to_end
+
+    return run_to_end(gen)
+
+
+def test_a_featureless_image_is_not_given_a_confident_size(scaled_model):
+    noise = np.random.default_rng(0).normal(128, 3, (96, 96)).astype(np.float32)
+    res = scaled_model.segment_sync(noise)
+    assert int(res.labels.max()) == 0
+    assert res.scale.confidence is None or res.scale.confidence < 0.5 or res.scale.diameter is None

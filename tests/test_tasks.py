@@ -270,7 +270,10 @@ def test_model_entry_save_round_trip(tiny_model, tmp_path):
     model, ckpt = load_segmenter(out)
     for k, v in model.state_dict().items():
         assert torch.equal(v, entry.ckpt["state_dict"][k].float()), k
-    assert ckpt["infer"] == INFER.to_dict()
+    # the saved copy keeps the model's (calibrated) operating point
+    original = load_segmenter(tiny_model)[1]
+    assert ckpt["infer"] == original["infer"]
+    assert ckpt["extra"]["calibration"]["threshold"] == ckpt["infer"]["threshold"]
 
 
 # --------------------------------------------------------------------------- segmentation

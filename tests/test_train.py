@@ -62,7 +62,14 @@ def test_training_learns_a_toy_problem(tmp_path):
     ckpt = Checkpoint.load(tmp_path / "m.pt")
     assert ckpt["metrics"]["f1@0.5"] == pytest.approx(best["f1@0.5"])
     seg = Segmenter.load(tmp_path / "m.pt", device="cpu")
-    assert seg.default_infer_config() == INFER
+    # after training the operating point is calibrated on the validation images and the
+    # checkpoint carries it: the segmenter's defaults are the calibrated thresholds
+    cal = ckpt["extra"]["calibration"]
+    assert seg.default_infer_config() == INFER.replace(
+        threshold=cal["threshold"], seed_threshold=cal["seed_threshold"]
+    )
+    assert cal["f1@0.5"] >= cal["baseline"]["f1@0.5"]
+    assert [e for e in events if e.stage == "calibrate"][-1].data == cal
     # progress events carry a total and an ETA
     train_ev = [e for e in events if e.stage == "train"]
     assert train_ev[-1].step == train_ev[-1].total == 60

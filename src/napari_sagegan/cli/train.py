@@ -21,6 +21,8 @@ FLAGS = {
     "scale_jitter": "zoom patches by a random factor in [1/J, J]",
     "lr": "learning rate",
     "loss": "training loss",
+    "tversky_fp": "Tversky weight of false positives (the authors': 0.3)",
+    "tversky_fn": "Tversky weight of false negatives (the authors': 0.7)",
     "val_fraction": "fraction of the pairs kept for validation",
     "steps_per_epoch": "optimisation steps per epoch (0: one pass over the images' area)",
 }
@@ -54,6 +56,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "Ignored when fine-tuning or resuming: a model keeps its own",
     )
     config_flags(t, TrainConfig(), FLAGS, loss={"choices": ["focal_tversky", "ce_dice"]})
+    t.add_argument(
+        "--no-calibrate",
+        dest="calibrate",
+        action="store_false",
+        help="keep the thresholds as they are after training (default: choose them on the "
+        "validation images so that particle sizes are unbiased, and store them in the model)",
+    )
     t.set_defaults(func=run)
     return t
 
@@ -73,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         epochs=epochs or 500,
         max_minutes=max_minutes,
         target_diameter=args.target_diameter or None,
+        calibrate=args.calibrate,
         **config_values(args, FLAGS),
     )
     out = Path(args.out)
@@ -85,6 +95,9 @@ def run(args: argparse.Namespace) -> int:
             bar.tqdm.set_postfix(
                 epoch=ev.data["epoch"], loss=f"{ev.data['loss']:.4f}", refresh=False
             )
+        elif ev.stage == "calibrate":
+            if ev.data:  # the chosen operating point (the grid's steps stay quiet)
+                bar.write(ev.message)
         else:
             bar.write(ev.message)
 

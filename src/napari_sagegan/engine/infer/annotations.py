@@ -12,8 +12,9 @@ images carry them, labelled as background), and this classical detector catches 
 * a **scale bar**: a component of flat extreme-valued pixels that fills its bounding box
   (>= 85 %), at least 4 times as wide as it is high and 3 % of the image wide, in the top
   or bottom third of the image;
-* its **label** and **panel letters**: small flat components of the same extreme value
-  next to a scale bar (within a few bar heights above or below it), or in a corner.
+* its **label** and **panel letters**: small flat components of an extreme value next to
+  a scale bar (within a few bar heights above or below it, or a flat panel behind it), or
+  thin-stroked glyphs in a top corner.
 
 Particles mostly overlapping these regions are removed by the segmenter
 (``InferConfig.exclude_annotations``), and the regions are reported. When the file has no
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 
 #: Flat: within this fraction of the grey-value range of the image's extreme.
-_FLAT_TOL = 0.02
+_FLAT_TOL = 0.01
 #: A data bar: at least this fraction of the image height ...
 _DATABAR_MIN = 0.03
 #: ... made of rows where at least this fraction of the pixels share the band's value.
@@ -94,7 +95,7 @@ def _data_bar(x: np.ndarray, span: float) -> int:
     # the band's text may break a row or two: allow short gaps
     while k < share.size:
         nxt = share[k : k + 3]
-        if nxt.size and (nxt >= _DATABAR_ROW).any() and (share[k:][: 3] >= 0.3).all():
+        if nxt.size and (nxt >= _DATABAR_ROW).any() and (share[k:][:3] >= 0.3).all():
             k += int(np.argmax(nxt >= _DATABAR_ROW)) + 1
             while k < share.size and share[k] >= _DATABAR_ROW:
                 k += 1
@@ -133,6 +134,7 @@ def find_annotations(image: Any) -> Annotations:
     tol = _FLAT_TOL * span
     bars: list[tuple[int, int, int, int]] = []
     glyph_boxes: list[tuple[tuple[int, int, int, int], np.ndarray]] = []
+    boxes: list[tuple[tuple[int, int, int, int], np.ndarray]] = []  # panels behind a bar
     for level in (hi, lo):
         flat = (np.abs(x - level) <= tol) & ~mask
         if not flat.any() or flat.mean() > 0.5:  # the background itself: not annotations
@@ -162,6 +164,13 @@ def find_annotations(image: Any) -> Annotations:
                 items.append(Annotation("scalebar", (y0, x0, y1, x1), float(bw)))
             elif areas[i] >= 4 and bh <= 0.15 * h and bw <= 0.3 * w:
                 glyph_boxes.append(((y0, x0, y1, x1), (lab[sl] == i)))
+            elif fill >= 0.5 and bh <= 0.4 * h and bw <= 0.7 * w:
+                boxes.append(((y0, x0, y1, x1), (lab[sl] == i)))
+    # a flat panel drawn behind a scale bar and its label
+    for (y0, x0, y1, x1), comp in boxes:
+        if any(y0 <= by0 and x0 <= bx0 and by1 <= y1 and bx1 <= x1 for by0, bx0, by1, bx1 in bars):
+            mask[y0:y1, x0:x1] |= comp
+            items.append(Annotation("label", (y0, x0, y1, x1)))
     # labels next to bars, letters in corners
     for (y0, x0, y1, x1), comp in glyph_boxes:
         kind = None
@@ -175,7 +184,9 @@ def find_annotations(image: Any) -> Annotations:
                 break
         corner = max(0.15 * min(h, w), 24)
         tall = (y1 - y0) >= max(6, 0.025 * min(h, w))
-        if kind is None and tall and y1 <= corner and (x1 <= corner or x0 >= w - corner):
+        # glyphs are strokes: thin next to their height (a solid flat particle is not)
+        thin = ndi.distance_transform_edt(np.pad(comp, 1)).max() <= 0.2 * (y1 - y0)
+        if kind is None and tall and thin and y1 <= corner and (x1 <= corner or x0 >= w - corner):
             kind = "letter"
         if kind is not None:
             mask[y0:y1, x0:x1] |= comp
@@ -192,9 +203,9 @@ def _merge_labels(mask: np.ndarray, items: list[Annotation]) -> np.ndarray:
     for a in items:
         if a.kind in ("label", "letter"):
             y0, x0, y1, x1 = a.bbox
-            out[y0:y1, x0:x1] = ndi.binary_closing(mask[y0:y1, x0:x1], iterations=2) | mask[
-                y0:y1, x0:x1
-            ]
+            out[y0:y1, x0:x1] = (
+                ndi.binary_closing(mask[y0:y1, x0:x1], iterations=2) | mask[y0:y1, x0:x1]
+            )
     return out
 
 
@@ -267,7 +278,9 @@ class ScaleBarReading:
     pixel_size_nm: float | None
 
 
-def scale_bar_pixel_size(image: Any, annotations: Annotations | None = None) -> ScaleBarReading | None:
+def scale_bar_pixel_size(
+    image: Any, annotations: Annotations | None = None
+) -> ScaleBarReading | None:
     """Measure the longest scale bar and read its label (OCR, optional) into a proposed
     pixel size; ``None`` when the image has no scale bar."""
     x = np.asarray(image, dtype=np.float32)

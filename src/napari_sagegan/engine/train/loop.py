@@ -149,6 +149,7 @@ class Fit:
         self.best_metrics: dict[str, float] = {}
         self.best_state: dict[str, torch.Tensor] | None = None
         self.stopped_by = "epochs"  # "epochs" | "time"
+        self.calibration: dict[str, Any] | None = None  # set by after_fit, if it calibrates
 
     # ------------------------------------------------------------------ data
     @property
@@ -219,6 +220,10 @@ class Fit:
     def after_validation(self, epoch: int, improved: bool) -> None:
         """After the record is in :attr:`history`: write files."""
 
+    def after_fit(self) -> Iterator[Progress]:
+        """After the last epoch (not after a cancel): e.g. calibrate the best model."""
+        return iter(())
+
     def result(self) -> Any:
         """What :meth:`run` returns (also valid after a cancel)."""
         raise NotImplementedError
@@ -279,4 +284,5 @@ class Fit:
             if out_of_time:
                 self.stopped_by = "time"
                 break
+        yield from self.after_fit()
         return self.result()

@@ -32,7 +32,7 @@ from napari_sagegan.engine.data.sampling import PatchSampler
 from napari_sagegan.engine.nets.attention_unet import AttentionUNet
 from napari_sagegan.engine.train.loop import Fit, validate_segmenter
 from napari_sagegan.engine.train.losses import segmentation_loss
-from napari_sagegan.util.progress import Progress
+from napari_sagegan.util.progress import Progress, relay
 
 
 @dataclass
@@ -175,7 +175,11 @@ class SegmenterTrainer(Fit):
             step=self.step,
             metrics=metrics,
             optimizer=self.optimizer.state_dict() if with_optimizer else None,
-            extra={"history": list(self.history), **(extra or {})},
+            extra={
+                "history": list(self.history),
+                **({"calibration": self.calibration} if self.calibration else {}),
+                **(extra or {}),
+            },
         )
 
     def best_checkpoint(self, extra: dict | None = None) -> Checkpoint:
@@ -249,6 +253,44 @@ class SegmenterTrainer(Fit):
     def after_validation(self, epoch: int, improved: bool) -> None:
         if improved and self.out is not None:
             self.save(self.out, epoch=epoch, metrics=self.best_metrics)
+
+    def after_fit(self) -> Iterator[Progress]:
+        """Calibrate the best model's operating point on the validation images
+        (``TrainConfig.calibrate``): thresholds that make the particle sizes unbiased, stored
+        in the checkpoint's ``infer`` settings (engine/infer/calibrate.py)."""
+        if not (self.config.calibrate and self.val_images and self.best_metrics):
+            return
+        from napari_sagegan.engine.infer.calibrate import calibrate
+        from napari_sagegan.engine.infer.segment import Segmenter
+
+        seg = Segmenter(
+            self.best_model(),
+            device=str(self.device),
+            checkpoint={
+                "infer": self.infer.to_dict(),
+                "target_diameter": self.config.target_diameter,
+            },
+        )
+        point = yield from relay(
+            calibrate(seg, self.val_images, self.val_labels, config=self.infer),
+            lambda ev: Progress("calibrate", ev.step, ev.total, message=ev.message),
+        )
+        self.infer = self.infer.replace(**point.infer_overrides())
+        self.calibration = point.to_dict()
+        self.best_metrics = {**self.best_metrics, "calibrated_f1@0.5": point.f1}
+        if point.size_bias is not None:
+            self.best_metrics["calibrated_size_bias"] = point.size_bias
+        if self.out is not None:
+            self.save(
+                self.out, state=self.best_state, epoch=self._best_epoch(), metrics=self.best_metrics
+            )
+        yield Progress("calibrate", 1, 1, message=point.describe(), data=point.to_dict())
+
+    def _best_epoch(self) -> int:
+        best = [r for r in self.history if r.get("val_f1@0.5") == self.best_metrics.get("f1@0.5")]
+        if best:
+            return int(best[-1]["epoch"])
+        return int(self.history[-1]["epoch"]) if self.history else 0
 
     def result(self) -> TrainResult:
         return TrainResult(
