@@ -3,6 +3,10 @@
 Qt-free and torch-free: NumPy, SciPy and scikit-image only. The ``sagegan measure`` command,
 the Measure dock widget and Python users all call :func:`measure`.
 
+Why one module of ~770 lines: every statistic is a column of the one particle table that
+:func:`measure` builds in a single pass over the labels (sizes, shape, intensity,
+neighbours, order); they share its region properties and its units.
+
 Units
 -----
 A pixel size (nm per pixel) turns every length into nanometres; without one, lengths stay in
@@ -67,6 +71,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from napari_sagegan.util.units import check_pixel_size
+
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
@@ -87,30 +93,6 @@ _NM_PER_UM = 1000.0
 def length_unit(pixel_size: float | None) -> str:
     """``"nm"`` when a pixel size is known, else ``"px"``."""
     return "nm" if pixel_size is not None else "px"
-
-
-def check_pixel_size(pixel_size: Any) -> float | None:
-    """Validate a pixel size in nm per pixel (``None`` = unknown).
-
-    Raises
-    ------
-    ValueError
-        Not a positive finite number.
-    """
-    if pixel_size is None:
-        return None
-    try:
-        value = float(pixel_size)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"pixel size must be a number of nm per pixel, got {pixel_size!r}"
-        ) from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(
-            f"pixel size must be a positive number of nm per pixel, got {pixel_size!r}; "
-            "leave it out to measure in pixels"
-        )
-    return value
 
 
 def _check_labels(labels: Any) -> np.ndarray:

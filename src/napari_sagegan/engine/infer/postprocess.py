@@ -21,6 +21,9 @@ background enclosed by a ring of several touching particles (or the interstice b
 particles of a close-packed monolayer, or a vacancy) stays background. With ``split=False``
 (or no ``dist``) an instance is a whole connected component, so a ring of touching particles
 is one instance and its enclosed background is filled.
+
+(About 500 lines: the seeded split, its bounded-memory helpers and the classical baseline
+that benchmarks compare against belong together.)
 """
 
 from __future__ import annotations

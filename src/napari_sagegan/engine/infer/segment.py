@@ -5,6 +5,11 @@ The public entry is :class:`Segmenter`; its :meth:`Segmenter.segment` is a gener
 :class:`SegmentResult`. 2-D images ``(Y, X)`` and 3-D stacks ``(Z, Y, X)`` (segmented slice
 by slice) are accepted as NumPy arrays, memmaps or dask arrays; only the tiles being
 processed are read at a time.
+
+Why one module of ~550 lines: :meth:`Segmenter.segment` is one pipeline (particle size,
+tiled maps, instances, annotations, the size check that retries another scale) whose steps
+share the segmenter's device, fused network and tile plan; the size search itself is in
+:mod:`.autoscale`, the tiling in :mod:`.tiling`, the instances in :mod:`.postprocess`.
 """
 
 from __future__ import annotations

@@ -4,6 +4,11 @@ Used for the sample data shown in napari, for the bundled default model's traini
 for tests. Everything is deterministic given ``seed`` and needs only NumPy, SciPy and
 scikit-image (no downloads).
 
+Why one module of ~970 lines: the layouts, the three imaging models and the named presets
+share one seeding scheme (``_rng`` tags) that makes every sample reproducible from its seed;
+splitting them would spread that scheme over several files. Phase-2 mask layouts live in
+:mod:`.layouts`, burned-in annotations in :mod:`.annotations`.
+
 Two steps, usable apart:
 
 1. :func:`make_layout` draws particles (ellipses of a chosen equivalent diameter, in pixels)
