@@ -126,3 +126,61 @@ def test_measure_and_evaluate_arrays():
     assert measured.record["files"][0]["pixel_size_source"] == "given"
     report = run_to_end(api.evaluate([lab], [lab], names=["x"]))
     assert report["per_image"]["x"]["f1@0.5"] == 1.0 and report["mean"]["dice"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def disc_model(tmp_path_factory):
+    """The tiny disc segmenter of the GUI tests: trained, with a network scale of 32 px."""
+    from test_tasks import trained_checkpoint
+
+    return trained_checkpoint(tmp_path_factory.mktemp("disc_model"))
+
+
+def test_estimate_size_before_segmenting(disc_model):
+    """Issue 12: the size segment() will use, its confidence, in px and nm."""
+    from test_tasks import disc_scene
+
+    image, _ = disc_scene()  # discs 17 px across
+    events = []
+    est = run_to_end(
+        api.estimate_size(
+            api.Micrograph("discs", image, PixelSize(0.5, "layer")), model=disc_model,
+            device="cpu",
+        ),
+        events.append,
+    )  # fmt: skip
+    assert isinstance(est, api.SizeEstimate) and est.name == "discs"
+    assert events[0].stage == "prepare" and {e.stage for e in events[1:]} == {"scale"}
+    assert est.scale.source == "network" and not est.uncertain
+    assert est.diameter == pytest.approx(17, rel=0.25) and est.confidence > 0.35
+    assert est.diameter_nm == pytest.approx(est.diameter * 0.5) and est.pixel_size.nm == 0.5
+    assert est.scale_bar is None and est.proposed_pixel_size is None  # the pixel size is known
+    assert "nm (estimated), confidence" in est.describe()
+    [seg] = run_to_end(api.segment(image, model=disc_model, device="cpu"))
+    assert seg.scale.diameter == pytest.approx(est.diameter)  # what segment() then uses
+    with pytest.raises(ValueError, match="one image at a time"):
+        run_to_end(api.estimate_size([image, image], model=disc_model, device="cpu"))
+
+
+def test_estimate_size_proposes_the_scale_bar_pixel_size(disc_model, monkeypatch):
+    """No pixel size: the scale bar is measured and its label read into a proposal (never
+    applied); an unsure estimate says so."""
+    import napari_sagegan.engine.infer.annotations as annotations
+    from napari_sagegan.engine.synthetic.annotations import burn_in
+    from napari_sagegan.engine.synthetic.render import make_sample
+
+    image, labels = make_sample("sem_sparse", shape=(256, 256), seed=1)
+    image, _, _ = burn_in(image, labels, np.random.default_rng(2), kinds=("scalebar",))
+    est = run_to_end(api.estimate_size(image, model=disc_model, device="cpu"))
+    assert not est.pixel_size.known and est.diameter_nm is None
+    assert est.scale_bar.length_px == 55.0 and est.proposed_pixel_size is None  # no OCR
+    assert "scale bar of 55 px found" in est.describe_scale_bar()
+    assert est.uncertain and "uncertain" in est.describe()  # the tiny model is unsure here
+
+    monkeypatch.setattr(annotations, "_ocr", lambda crop: "50 nm")  # as Tesseract reads it
+    est = run_to_end(api.estimate_size(image, model=disc_model, device="cpu"))
+    assert est.scale_bar.text == "50 nm" and est.scale_bar.length_nm == 50.0
+    assert est.proposed_pixel_size == pytest.approx(50 / 55) and not est.pixel_size.known
+    assert "pixel size 0.9091 nm (not applied" in est.describe_scale_bar()
+    est = run_to_end(api.estimate_size(image, model=disc_model, device="cpu", pixel_size=2.0))
+    assert est.scale_bar is None and est.pixel_size.nm == 2.0

@@ -323,3 +323,92 @@ def test_segment_report(trained):
     assert entry["diameter_source"] in ("estimated", "none")
     assert (entry["diameter_px"] is None) == (entry["diameter_source"] == "none")
     assert entry["pixel_size_nm"] == pytest.approx(0.5) and entry["pixel_size_source"] == "imagej"
+
+
+@pytest.fixture(scope="module")
+def disc_model(tmp_path_factory):
+    """The tiny disc segmenter of the GUI tests (a network scale of 32 px)."""
+    from test_tasks import trained_checkpoint
+
+    return trained_checkpoint(tmp_path_factory.mktemp("disc_model"))
+
+
+def _scale_bar_image(path):
+    """A generated SEM image with a 55 px scale bar and its label burned in (no pixel size)."""
+    from napari_sagegan.engine.synthetic.annotations import burn_in
+    from napari_sagegan.engine.synthetic.render import make_sample
+
+    image, labels = make_sample("sem_sparse", shape=(256, 256), seed=1)
+    image, _, mask = burn_in(image, labels, np.random.default_rng(2), kinds=("scalebar",))
+    iio.imwrite(path, image)
+    return mask
+
+
+def test_segment_warns_of_an_uncertain_size_and_reports_annotations(
+    disc_model, tmp_path, capsys, monkeypatch
+):
+    """Issue 12: an uncertain size estimate is a warning naming the flags; the scale bar and
+    its label are left out, listed on stderr and in segment_report.json; the pixel size the
+    bar's label gives is proposed (with its flag), not applied."""
+    import napari_sagegan.engine.infer.annotations as annotations
+
+    mask = _scale_bar_image(tmp_path / "bar.png")
+    monkeypatch.setattr(annotations, "_ocr", lambda crop: "50 nm")  # as Tesseract reads it
+    base = ["segment", str(tmp_path / "bar.png"), "--model", str(disc_model), "--device", "cpu"]
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "auto")]) == 0
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    warnings = [line for line in err if "warning: bar.png:" in line]
+    assert len(warnings) == 1 and "uncertain" in warnings[0]
+    assert "--diameter PX" in warnings[0] and "--diameter-nm NM" in warnings[0]
+    assert any("bar.png: annotations left out: scale bar (55 px)" in line for line in err)
+    proposal = [line for line in err if "scale bar of 55 px was found" in line]
+    assert len(proposal) == 1 and "labelled 50 nm" in proposal[0]
+    assert "--pixel-size 0.9091" in proposal[0]
+    assert "bar.png: " in captured.out and "particles ->" in captured.out  # the result line
+
+    [entry] = json.loads((tmp_path / "auto" / "segment_report.json").read_text())["images"]
+    assert entry["pixel_size_nm"] is None  # proposed only
+    assert entry["diameter_source"] == "estimated" and entry["confidence"] < 0.35
+    kinds = [e["kind"] for e in entry["excluded"]]
+    assert kinds[0] == "scalebar" and "label" in kinds
+    bar = entry["excluded"][0]
+    assert bar["length_px"] == 55.0 and isinstance(bar["particles"], int)
+    y0, x0, y1, x1 = bar["bbox"]
+    assert mask[y0:y1, x0:x1].all()  # the bar drawn
+
+    # the size given and the pixel size known: no warning, no proposal; still reported
+    assert main([*base, "--out", str(tmp_path / "given"), "--diameter", "32",
+                 "--pixel-size", "0.9091"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "warning" not in err and "scale bar of" not in err
+    assert "annotations left out: scale bar (55 px)" in err
+    [entry] = json.loads((tmp_path / "given" / "segment_report.json").read_text())["images"]
+    assert entry["excluded"][0]["kind"] == "scalebar"
+    assert entry["pixel_size_nm"] == pytest.approx(0.9091)
+    labels = tifffile.imread(tmp_path / "given" / "bar.tif")
+    area = np.bincount(labels.ravel())
+    on_bar = np.bincount(labels[mask].ravel(), minlength=area.size)
+    assert entry["n_particles"] > 0 and not (on_bar[1:] > area[1:] // 2).any()  # no particle
+
+
+def test_segment_notes_without_ocr(tmp_path):
+    """Without Tesseract the bar's length is said, with what to do; a sure estimate is no
+    warning."""
+    from napari_sagegan.api import Segmented
+    from napari_sagegan.cli.segment import notes
+    from napari_sagegan.engine.infer.annotations import ScaleBarReading
+    from napari_sagegan.engine.infer.scale import ScaleInfo
+    from napari_sagegan.io.pixel_size import PixelSize
+
+    sure = ScaleInfo(20.0, "network", 1.6, confidence=0.9)
+    r = Segmented("a.png", None, 3, sure, PixelSize(None), None,
+                  scale_bar=ScaleBarReading(120.0, None, None, None))  # fmt: skip
+    [line] = notes(r)
+    assert "scale bar of 120 px" in line and "--pixel-size NM" in line
+    unsure = ScaleInfo(20.0, "network", 1.6, confidence=0.1, alternatives=(40.0, 10.0))
+    r = Segmented("a.png", None, 3, unsure, PixelSize(1.0, "user"), None)
+    [line] = notes(r)
+    assert line.startswith("warning: a.png: the particle size estimate (20 px) is uncertain")
+    assert "other candidates: 40, 10 px" in line and "--diameter PX" in line

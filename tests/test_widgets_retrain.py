@@ -151,3 +151,49 @@ def test_bad_training_inputs_are_reported(make_napari_viewer, qtbot, messages, t
     assert messages()[-1][0] == "error" and "does not exist" in messages()[-1][1]
     assert retrain.progress.status.text() == "failed; the model is unchanged"
     assert retrain.store.current.name == "tiny.pt" and retrain.train_button.isEnabled()
+
+
+def test_resegment_uses_the_segment_docks_particle_size(
+    make_napari_viewer, qtbot, tiny_model, messages
+):
+    """Issue 12: Re-segment segments at the particle size set in Segment (the viewer's
+    setting), in px or in nm, and refuses nm on an image without a pixel size."""
+    from napari_sagegan.napari.state import viewer_state
+
+    viewer = make_napari_viewer()
+    image, truth = disc_scene()  # discs 17 px across
+    viewer.add_image(image, name="discs", scale=(0.5, 0.5), units="nm")
+    viewer.add_labels(truth, name="discs labels")
+    seg = make_widget(viewer, tiny_model)
+    retrain = make_retrain(viewer)
+
+    def resegment():
+        seen = []
+        worker = retrain.resegment()
+        assert worker is not None
+        worker.yielded.connect(lambda ev: ev.stage == "image" and seen.append(ev.data["result"]))
+        wait(qtbot, retrain, worker)
+        (result,) = seen
+        return result
+
+    seg.diameter_spin.setValue(17.0)  # px
+    assert viewer_state(viewer).particle_size.value == 17.0
+    result = resegment()
+    assert result.scale.source == "user" and result.scale.diameter == 17.0
+    assert result.n_particles == 8 and evaluate_pair(result.labels, truth)["f1@0.5"] == 1.0
+    seg.diameter_unit.setCurrentText("nm")
+    seg.diameter_spin.setValue(8.5)  # nm: 17 px at 0.5 nm / px
+    result = resegment()
+    assert result.scale.source == "user" and result.scale.diameter == 17.0
+    seg.diameter_spin.setValue(0.0)  # auto: estimated, as in Segment
+    result = resegment()
+    assert result.scale.source in ("network", "estimate")
+
+    # nm on an image without a pixel size: said, not started
+    viewer.layers.clear()
+    viewer.add_image(image, name="plain")
+    viewer.add_labels(truth, name="plain labels")
+    retrain.refresh_pairs()
+    seg.diameter_spin.setValue(8.5)
+    assert retrain.resegment() is None and not retrain.is_running
+    assert messages()[-1][0] == "error" and "pixel size of 'plain' is unknown" in messages()[-1][1]

@@ -223,3 +223,85 @@ def test_particle_size_in_nm_is_honoured_and_shown(make_napari_viewer, qtbot, ti
     widget.diameter_spin.setValue(8.5)
     assert widget.run() is None and not widget.is_running
     assert any("pixel size of 'plain' is unknown" in text for _, text in messages())
+
+
+def test_estimate_fills_the_particle_size(make_napari_viewer, qtbot, tiny_model, messages):
+    """Issue 12: "Estimate" shows the size before segmenting (px and nm, its confidence)
+    and fills the field; Segment then uses it as the given size."""
+    from napari_sagegan import api
+    from napari_sagegan.engine.synthetic.render import make_sample
+    from napari_sagegan.io.pixel_size import PixelSize
+    from napari_sagegan.util.progress import run_to_end
+
+    image, _ = make_sample("tem_dispersed", shape=(256, 256), seed=1)  # ~18 px particles
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="tem", scale=(0.5, 0.5), units="nm")
+    widget = make_widget(viewer, tiny_model)
+    assert widget.diameter_spin.value() == 0  # auto
+    worker = widget.estimate_size()
+    assert worker is not None and not widget.estimate_button.isEnabled()
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT)
+    expected = run_to_end(
+        api.estimate_size(api.Micrograph("tem", image, PixelSize(0.5)), model=tiny_model,
+                          device="cpu", infer=widget._infer())
+    )  # fmt: skip
+    est = widget.estimate
+    assert est is not None and est.diameter == pytest.approx(expected.diameter)
+    assert est.diameter == pytest.approx(18, rel=0.25) and not est.uncertain
+    assert widget.diameter_unit.currentText() == "px"
+    assert widget.diameter_spin.value() == pytest.approx(round(est.diameter, 1))
+    assert viewer_state(viewer).particle_size.value == widget.diameter_spin.value()
+    text = widget.size_label.text()
+    assert "px = " in text and "nm (estimated), confidence" in text
+    assert widget.progress.status.text() == "estimated" and widget.estimate_button.isEnabled()
+    assert widget.pixel_size_button.isHidden()  # the pixel size is known
+    assert not any(sev == "warning" for sev, _ in messages())
+    # in nm, the field is filled in nm
+    widget.diameter_unit.setCurrentText("nm")
+    assert widget.estimate_size() is not None
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT)
+    assert widget.diameter_spin.value() == pytest.approx(round(est.diameter * 0.5, 1))
+    # the user may type another size; Segment uses what the field says
+    widget.diameter_unit.setCurrentText("px")
+    widget.diameter_spin.setValue(20.0)
+    run_and_wait(qtbot, widget)
+    (result,) = widget.results
+    assert result.scale.source == "user" and result.scale.diameter == 20.0
+
+
+def test_estimate_warns_and_offers_the_scale_bar_pixel_size(
+    make_napari_viewer, qtbot, tiny_model, messages, monkeypatch
+):
+    """An uncertain estimate is a warning; a scale bar's pixel size is offered and set on
+    the layer only when the user confirms; after segmenting, the annotations left out are
+    said."""
+    import napari_sagegan.engine.infer.annotations as annotations
+    from napari_sagegan.engine.synthetic.annotations import burn_in
+    from napari_sagegan.engine.synthetic.render import make_sample
+    from napari_sagegan.napari.layers import layer_pixel_size
+
+    image, labels = make_sample("sem_sparse", shape=(256, 256), seed=1)
+    image, _, _ = burn_in(image, labels, np.random.default_rng(2), kinds=("scalebar",))
+    monkeypatch.setattr(annotations, "_ocr", lambda crop: "50 nm")  # as Tesseract reads it
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(image, name="sem")
+    widget = make_widget(viewer, tiny_model)
+    widget.estimate_size()
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT)
+    assert widget.estimate.uncertain  # the tiny disc model is unsure on this image
+    warned = [text for sev, text in messages() if sev == "warning"]
+    assert len(warned) == 1 and "uncertain" in warned[0] and warned[0].startswith("Sem:")
+    assert "uncertain" in widget.size_label.text()
+    assert "scale bar of 55 px found, labelled 50 nm" in widget.size_label.text()
+    assert (
+        not widget.pixel_size_button.isHidden() and "0.9091 nm" in widget.pixel_size_button.text()
+    )
+    assert tuple(layer.scale) == (1.0, 1.0) and layer_pixel_size(layer) is None  # not yet
+    widget.pixel_size_button.click()  # the user confirms
+    assert layer_pixel_size(layer) == pytest.approx(50 / 55)
+    assert tuple(layer.scale) == pytest.approx((50 / 55, 50 / 55))
+    assert widget.pixel_size_button.isHidden()
+    # segmenting reports the annotations left out
+    widget.diameter_spin.setValue(32.0)
+    run_and_wait(qtbot, widget)
+    assert "annotations left out: scale bar (55 px)" in widget.result_label.text()

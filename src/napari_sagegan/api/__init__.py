@@ -13,6 +13,9 @@ nothing half-written.
 - :func:`segment` -- instance labels of micrographs (tiled, resampled to the model's
   particle size); returns a list of :class:`Segmented`. ``out=``: ``<stem>.tif`` label
   TIFFs, ``--csv`` tables, ``segment_report.json``.
+- :func:`estimate_size` -- the particle size :func:`segment` would use for one image, with
+  its confidence, found before segmenting; and, for an image without a pixel size, the
+  pixel size its scale bar proposes (for the user to confirm); returns :class:`SizeEstimate`.
 - :func:`fine_tune` -- train or fine-tune a segmenter on (image, labels) pairs (phase 1);
   returns :class:`Trained`. ``out=``: the best checkpoint.
 - :func:`augment` -- SAGE-GAN phase 2 (the segmenter with a mask -> image generator) and
@@ -39,6 +42,10 @@ from napari_sagegan.api.segment import (
     REPORT_VERSION,
     Micrograph,
     Segmented,
+    SizeEstimate,
+    describe_annotations,
+    describe_scale_bar,
+    estimate_size,
     particle_diameter,
     segment,
 )
@@ -59,8 +66,12 @@ __all__ = [
     "Measured",
     "Micrograph",
     "Segmented",
+    "SizeEstimate",
     "Trained",
     "augment",
+    "describe_annotations",
+    "describe_scale_bar",
+    "estimate_size",
     "evaluate",
     "fine_tune",
     "fit_patch_size",

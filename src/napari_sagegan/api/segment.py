@@ -1,4 +1,6 @@
-"""Segment micrographs: :func:`segment` (see :mod:`napari_sagegan.api` for the map).
+"""Segment micrographs: :func:`segment`, and :func:`estimate_size` (the particle size
+:func:`segment` would use, found before segmenting); see :mod:`napari_sagegan.api` for the
+map.
 
 The pixel size and the particle diameter of every image are resolved here, once.
 """
@@ -163,6 +165,10 @@ class Segmented:
         The input file.
     extra : SegmentResult
         The engine's result (``confidence``, ``excluded`` when it has them).
+    scale_bar : ScaleBarReading or None
+        For an image without a pixel size on which a scale bar was found: the bar's length
+        and, when its label was read, the pixel size it proposes (for the user to confirm;
+        never applied).
     """
 
     name: str
@@ -175,6 +181,16 @@ class Segmented:
     device: str = "cpu"
     path: Path | None = None
     extra: Any = None
+    scale_bar: Any = None
+
+    @property
+    def excluded(self) -> list[dict[str, Any]]:
+        """The burned-in annotations found and left out (see ``SegmentResult.excluded``)."""
+        return list(getattr(self.extra, "excluded", None) or [])
+
+    def describe_excluded(self) -> str:
+        """One line naming the annotations left out (``""`` when none)."""
+        return describe_annotations(self.excluded)
 
     def report(self) -> dict[str, Any]:
         """This image's entry of ``segment_report.json``."""
@@ -204,6 +220,39 @@ class Segmented:
                 for e in (excluded or [])
             ],
         }
+
+
+def describe_annotations(items: list[Any]) -> str:
+    """One line naming burned-in annotations (``SegmentResult.excluded`` dicts or
+    :class:`~napari_sagegan.engine.infer.annotations.Annotation` s), ``""`` when none."""
+    if not items:
+        return ""
+    from napari_sagegan.engine.infer.annotations import Annotation, describe
+
+    found = [
+        a
+        if isinstance(a, Annotation)
+        else Annotation(str(a["kind"]), tuple(a.get("bbox", (0, 0, 0, 0))), a.get("length_px"))
+        for a in items
+    ]
+    return describe(found)
+
+
+def _scale_bar(data: Any, pixel_size: PixelSize, excluded: list[dict[str, Any]] | None) -> Any:
+    """The scale-bar pixel-size proposal of an image without a pixel size (a stack: its
+    middle slice), or ``None``; only looked for when the segmenter left a bar out (or, with
+    ``excluded=None``, always)."""
+    if pixel_size.known:
+        return None
+    if excluded is not None and not any(e.get("kind") == "scalebar" for e in excluded):
+        return None
+    from napari_sagegan.engine.infer.annotations import scale_bar_pixel_size
+
+    shape = tuple(getattr(data, "shape", ()))
+    if len(shape) not in (2, 3):
+        return None
+    ref = data if len(shape) == 2 else data[shape[0] // 2]
+    return scale_bar_pixel_size(np.asarray(ref))
 
 
 def segment(
@@ -327,6 +376,7 @@ def segment(
             result = Segmented(
                 m.name, res.labels, int(res.labels.max()), res.scale, m.pixel_size, cfg,
                 res.attention, res.device, m.path, res,
+                _scale_bar(data, m.pixel_size, res.excluded),
             )  # fmt: skip
             if staging is not None:
                 _write_segmented(staging, result, data, csv)
@@ -347,6 +397,162 @@ def segment(
                  "images": [r.report() for r in results]},
             )  # fmt: skip
     return results
+
+
+# --------------------------------------------------------------------------- estimate
+
+
+@dataclass
+class SizeEstimate:
+    """The particle size :func:`segment` would use for one image, found before segmenting.
+
+    Attributes
+    ----------
+    name : str
+        The image's name.
+    scale : ScaleInfo
+        The diameter (pixels), its source (``"estimate"`` / ``"network"`` / ``"none"``), the
+        resampling factor, the confidence and the alternatives (see
+        :class:`~napari_sagegan.engine.infer.scale.ScaleInfo`).
+    pixel_size : PixelSize
+        The image's pixel size used for the diameter in nm (unknown: ``pixel_size.nm`` is
+        ``None``).
+    scale_bar : ScaleBarReading or None
+        Only when the pixel size is unknown and a scale bar was found: its length in pixels,
+        its label (read with Tesseract when installed) and the pixel size it proposes
+        (``scale_bar.pixel_size_nm``, ``None`` unless the label was read). A proposal for
+        the user to confirm; it is never applied.
+    device : str
+        The device used.
+    """
+
+    name: str
+    scale: Any
+    pixel_size: PixelSize
+    scale_bar: Any = None
+    device: str = "cpu"
+
+    @property
+    def diameter(self) -> float | None:
+        """The particle diameter in pixels (``None``: none found, or the model has no
+        network scale)."""
+        return self.scale.diameter
+
+    @property
+    def diameter_nm(self) -> float | None:
+        """The particle diameter in nm when the pixel size is known."""
+        d = self.scale.diameter
+        return d * self.pixel_size.nm if d is not None and self.pixel_size.known else None
+
+    @property
+    def confidence(self) -> float | None:
+        return self.scale.confidence
+
+    @property
+    def uncertain(self) -> bool:
+        """The estimate's confidence is low: check it, or give the size."""
+        return bool(self.scale.uncertain)
+
+    @property
+    def proposed_pixel_size(self) -> float | None:
+        """nm per pixel read from the image's scale bar (to confirm), or ``None``."""
+        return getattr(self.scale_bar, "pixel_size_nm", None)
+
+    def describe(self) -> str:
+        """One line, e.g. ``"particle diameter ~ 42 px = 21 nm (estimated), confidence
+        0.81; image resampled x0.76"``."""
+        return self.scale.describe(self.pixel_size.nm)
+
+    def describe_scale_bar(self) -> str:
+        """One line about the scale bar of an image without a pixel size (``""``: none)."""
+        return describe_scale_bar(self.scale_bar)
+
+
+def describe_scale_bar(reading: Any) -> str:
+    """One line about a :class:`~napari_sagegan.engine.infer.annotations.ScaleBarReading`:
+    the bar's length, its label and the pixel size it proposes (``""`` for ``None``)."""
+    if reading is None:
+        return ""
+    line = f"scale bar of {reading.length_px:.0f} px found"
+    if reading.pixel_size_nm:
+        return line + (
+            f", labelled {reading.length_nm:g} nm: pixel size {reading.pixel_size_nm:.4g} nm "
+            "(not applied: confirm it)"
+        )
+    if reading.text:
+        return line + f"; its label ({reading.text.strip()!r}) gives no length"
+    return line + "; its label was not read (install Tesseract OCR to read it)"
+
+
+def estimate_size(
+    image: Any,
+    *,
+    model: Any = "default",
+    device: str = "auto",
+    pixel_size: float | PixelSize | None = None,
+    infer: dict[str, Any] | None = None,
+) -> Generator[Progress, None, SizeEstimate]:
+    """The particle size :func:`segment` would use for one image, without segmenting it.
+
+    The classical estimate is a first guess; with the model's ``scale_search`` the network
+    then finds the size on a ladder of scales (a central crop; a stack: its middle slice),
+    with a confidence. When the image has no pixel size, a burned-in scale bar is measured
+    and its label read (OCR, when Tesseract is installed) into a pixel-size *proposal*
+    (:attr:`SizeEstimate.scale_bar`), never applied.
+
+    Parameters
+    ----------
+    image : path, array or Micrograph
+        One image file, a ``(Y, X)`` / ``(Z, Y, X)`` array, or a :class:`Micrograph`.
+    model : path, ``"default"``, Checkpoint or Segmenter
+        The segmenter (``"default"``: the bundled model).
+    device : str
+        ``auto``, ``cpu``, ``cuda`` or ``mps``.
+    pixel_size : float or PixelSize, optional
+        nm per pixel, overriding what the file or the Micrograph says.
+    infer : dict, optional
+        :class:`~napari_sagegan.engine.config.InferConfig` fields replacing the model's
+        settings (as for :func:`segment`; a ``diameter`` is ignored: this is the estimate).
+
+    Yields
+    ------
+    Progress
+        ``prepare`` (the device), then ``scale`` per rung of the network's scale ladder.
+
+    Returns
+    -------
+    SizeEstimate
+
+    Raises
+    ------
+    ValueError
+        Several images given, or an image that is not 2-D / 3-D grayscale.
+    """
+    items = _micrographs(image, pixel_size)
+    if len(items) != 1:
+        raise ValueError(
+            f"estimate the particle size of one image at a time, got {len(items)} images"
+        )
+    (m,) = items
+    seg = _segmenter(model, device)
+    overrides = {**(infer or {}), "diameter": None, "auto_scale": True}
+    config = seg.default_infer_config(**overrides)
+    config = dataclasses.replace(config, diameter=None)
+    yield Progress(
+        "prepare", 0, 1, message=f"estimating the particle size of {m.name} on {seg.device_name}",
+        data={"device": seg.device_name},
+    )  # fmt: skip
+    data = _read(m)
+
+    def tagged(ev: Progress) -> Progress:
+        return Progress(
+            "scale", ev.step, ev.total, ev.eta_s, ev.message,
+            {**ev.data, "image": m.name, "device": seg.device_name},
+        )  # fmt: skip
+
+    info = yield from relay(seg.estimate_scale(data, config), tagged)
+    return SizeEstimate(m.name, info, m.pixel_size, _scale_bar(data, m.pixel_size, None),
+                        seg.device_name)  # fmt: skip
 
 
 def _write_segmented(folder: Path, r: Segmented, image: Any, csv: bool) -> None:

@@ -3,8 +3,13 @@
 Writes ``OUT/<stem>.tif`` per input (calibrated when the pixel size is known), with
 ``--csv`` ``OUT/<stem>.csv`` + ``OUT/<stem>.summary.json``, and ``OUT/segment_report.json``
 (per image: the particle diameter used and where it came from, the resampling factor, the
-thresholds, the particle count, the pixel size). Everything is staged and moved into place
-at the end. The work is :func:`napari_sagegan.api.segment`'s.
+thresholds, the particle count, the pixel size, the annotations left out). Everything is
+staged and moved into place at the end. The work is :func:`napari_sagegan.api.segment`'s.
+
+On stderr, per image: the particle size used; a warning when its estimate is uncertain
+(with the flags that give the size); the burned-in annotations left out; and, for an
+image without a pixel size, the scale bar found and the pixel size its label proposes
+(with the flag that applies it: never applied by itself).
 """
 
 from __future__ import annotations
@@ -63,6 +68,46 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     return s
 
 
+def notes(r: Any) -> list[str]:
+    """The lines ``segment`` prints about one :class:`~napari_sagegan.api.Segmented` besides
+    its size: an uncertain size estimate, the annotations left out, a scale bar's pixel
+    size."""
+    lines = []
+    s = r.scale
+    if s is not None and s.uncertain:
+        if s.diameter is not None:
+            found = f"the particle size estimate ({s.diameter:.3g} px) is uncertain"
+        else:
+            found = "no particle size could be estimated"
+        found += f" (confidence {s.confidence:.2f}"
+        others = [f"{d:.3g}" for d in s.alternatives if d]
+        if others:
+            found += f"; other candidates: {', '.join(others)} px"
+        lines.append(
+            f"warning: {r.name}: {found}): check the outlines, and give the typical particle "
+            "diameter with --diameter PX or --diameter-nm NM"
+        )
+    excluded = r.describe_excluded()
+    if excluded:
+        lines.append(f"{r.name}: {excluded}")
+    bar = r.scale_bar
+    if bar is not None:
+        line = f"{r.name}: no pixel size, but a scale bar of {bar.length_px:.0f} px was found"
+        if bar.pixel_size_nm:
+            line += (
+                f", labelled {bar.length_nm:g} nm: the pixel size would be "
+                f"{bar.pixel_size_nm:.4g} nm; if that is right, run again with "
+                f"--pixel-size {bar.pixel_size_nm:.4g}"
+            )
+        else:
+            line += (
+                "; its label was not read (Tesseract OCR reads it when installed): divide "
+                "the length it shows (nm) by the bar's length and give --pixel-size NM"
+            )
+        lines.append(line)
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``sagegan segment``; returns the exit status (0)."""
     from napari_sagegan import api
@@ -101,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
             r = ev.data["result"]
             if r.scale is not None and r.scale.diameter is not None:
                 say(f"{r.name}: {r.scale.describe(r.pixel_size.nm)}")
+            for line in notes(r):
+                say(line)
 
     try:
         results = run_to_end(gen, show)

@@ -9,6 +9,8 @@ and turns the api's results into what the docks add to the viewer. No Qt, no nap
 
 - :func:`segment_layers`: :func:`napari_sagegan.api.segment`, one
   :class:`~napari_sagegan.napari.layers.LayerResult` per image as soon as it is done.
+- :func:`estimate_size`: :func:`napari_sagegan.api.estimate_size`, the particle size of one
+  image layer before segmenting it (and a scale bar's pixel-size proposal).
 - :class:`FineTune`: :func:`napari_sagegan.api.fine_tune`; Cancel keeps the best model so
   far (:meth:`FineTune.result`).
 - :class:`Augment`: :func:`napari_sagegan.api.augment` (phase 2), the same way.
@@ -127,7 +129,9 @@ def segment_layers(
     ------
     Progress
         The api's events; ``stage="image"`` events carry ``data["result"]`` as a
-        :class:`LayerResult` (with its particle table), so finished images survive Cancel.
+        :class:`LayerResult` (with its particle table), so finished images survive Cancel,
+        and ``data["annotations"]``: a line naming the burned-in annotations left out
+        (``""`` when none).
 
     Returns
     -------
@@ -161,7 +165,8 @@ def segment_layers(
         )
         results.append(result)
         return Progress(ev.stage, tiles[0], tiles[1], tiles[2], ev.message,
-                        {**ev.data, "result": result})  # fmt: skip
+                        {**ev.data, "result": result,
+                         "annotations": res.describe_excluded()})  # fmt: skip
 
     micrographs = [
         api.Micrograph(im.name, im.data, PixelSize(im.pixel_size_nm, "layer")) for im in images
@@ -180,6 +185,44 @@ def segment_layers(
             as_layer,
         )
     return results
+
+
+def estimate_size(
+    entry: ModelEntry,
+    image: ImageInput,
+    *,
+    device: str = "auto",
+    infer: dict | None = None,
+    threads: int | None = None,
+) -> Generator[Progress, None, Any]:
+    """The particle size of one image layer, before segmenting it
+    (:func:`napari_sagegan.api.estimate_size`).
+
+    Parameters
+    ----------
+    entry : ModelEntry
+        The model (loaded here, in the worker, if needed).
+    image : ImageInput
+        The layer's data and pixel size (``None``: unknown, and a scale bar is looked for).
+    device, infer, threads
+        As for :func:`segment_layers`.
+
+    Returns
+    -------
+    SizeEstimate
+        The size (px, and nm when the pixel size is known), its confidence and, for an image
+        without a pixel size, the scale bar's pixel-size proposal (to confirm).
+    """
+    from napari_sagegan import api
+    from napari_sagegan.io.pixel_size import PixelSize
+
+    micrograph = api.Micrograph(image.name, image.data, PixelSize(image.pixel_size_nm, "layer"))
+    with _threads(threads):
+        return (
+            yield from api.estimate_size(
+                micrograph, model=entry.segmenter(device), device=device, infer=infer
+            )  # fmt: skip
+        )
 
 
 # --------------------------------------------------------------------------- training

@@ -13,6 +13,8 @@ is tested without a viewer; a dock is a view that subscribes to the parts it sho
   are ticked as training pairs for fine-tuning and for phase 2.
 - :class:`Phase2` (``state.phase2``): the trained phase-2 generator, the masks new pairs are
   drawn from, and how many pairs were generated.
+- :class:`ParticleSize` (``state.particle_size``): the particle-size setting every dock that
+  segments uses (Segment, and Re-segment in Correct and retrain).
 """
 
 from __future__ import annotations
@@ -309,6 +311,71 @@ class Phase2(Observable):
         return start
 
 
+# --------------------------------------------------------------------------- particle size
+
+
+class ParticleSize(Observable):
+    """The typical particle diameter the docks segment with: one setting per viewer.
+
+    Attributes
+    ----------
+    value : float
+        The diameter, in :attr:`unit`; ``0`` estimates it for each image.
+    unit : str
+        ``"px"`` or ``"nm"`` (nm needs each image's pixel size).
+    """
+
+    UNITS = ("px", "nm")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value = 0.0
+        self.unit = "px"
+
+    @property
+    def auto(self) -> bool:
+        """No size set: it is estimated for each image."""
+        return not self.value > 0
+
+    def set(self, value: float, unit: str | None = None) -> None:
+        """Change the setting (``value <= 0``: estimate); subscribers are told of a change.
+
+        Raises
+        ------
+        ValueError
+            An unknown unit.
+        """
+        unit = self.unit if unit is None else unit
+        if unit not in self.UNITS:
+            raise ValueError(f"the particle size unit must be px or nm, got {unit!r}")
+        value = max(float(value), 0.0)
+        if (value, unit) != (self.value, self.unit):
+            self.value, self.unit = value, unit
+            self._changed()
+
+    def arguments(self, images: Sequence[Any]) -> dict[str, float | None]:
+        """``{"diameter": px, "diameter_nm": nm}`` for :func:`napari_sagegan.api.segment`
+        (both ``None``: estimated), checked against ``images``
+        (:class:`~napari_sagegan.napari.layers.ImageInput` s).
+
+        Raises
+        ------
+        ValueError
+            The size is in nm and an image has no pixel size (the message says what to do).
+        """
+        if self.auto:
+            return {"diameter": None, "diameter_nm": None}
+        if self.unit == "nm":
+            unknown = [im.name for im in images if not im.pixel_size_nm]
+            if unknown:
+                raise ValueError(
+                    f"The particle size is in nm, but the pixel size of {unknown[0]!r} is "
+                    "unknown: give the size in px, or open the image with its calibration."
+                )
+            return {"diameter": None, "diameter_nm": self.value}
+        return {"diameter": max(self.value, 1.0), "diameter_nm": None}
+
+
 # --------------------------------------------------------------------------- per viewer
 
 
@@ -320,6 +387,7 @@ class ViewerState:
         self.retrain_set = TrainingSet(tick_edited)
         self.augment_set = TrainingSet(tick_real)
         self.phase2 = Phase2()
+        self.particle_size = ParticleSize()
 
 
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

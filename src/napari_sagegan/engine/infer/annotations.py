@@ -101,7 +101,12 @@ def _data_bar(x: np.ndarray, span: float) -> int:
                 k += 1
         else:
             break
-    return k if k >= _DATABAR_MIN * h else 0
+    if k < _DATABAR_MIN * h or k >= share.size:  # too thin, or no end: a flat image
+        return 0
+    # a data bar stands out from the micrograph above it
+    band = float(np.median(x[h - k :]))
+    above = float(np.median(x[: h - k]))
+    return k if abs(band - above) > 0.1 * span else 0
 
 
 def find_annotations(image: Any) -> Annotations:

@@ -263,7 +263,9 @@ class RetrainWidget(ModelDock):
         return out
 
     def resegment(self) -> Any:
-        """Segment the images of the ticked pairs again with the current model."""
+        """Segment the images of the ticked pairs again with the current model, at the
+        particle size set in the Segment dock (the viewer's
+        :class:`~napari_sagegan.napari.state.ParticleSize`; estimated when not set)."""
         if self.is_running:
             return None
         names = []
@@ -277,6 +279,8 @@ class RetrainWidget(ModelDock):
             return None
         try:
             inputs = [image_input(self.viewer.layers[n]) for n in names]
+            # the particle size set in Segment (the viewer's setting), checked here
+            size = self.state.particle_size.arguments(inputs)
             self.store.current.check_available()
         except (ValueError, FileNotFoundError) as err:
             notify_error(str(err))
@@ -287,6 +291,7 @@ class RetrainWidget(ModelDock):
             inputs,
             device=self.device_combo.currentText(),
             threads=self.threads,
+            **size,
         )
         return self.run_task(
             gen,

@@ -3,10 +3,19 @@
 Thin: :meth:`SegmentWidget.arguments` gathers the values, :func:`napari_sagegan.napari.jobs.
 segment_layers` (over :func:`napari_sagegan.api.segment`) does the work, and each finished
 image becomes a Labels layer (:func:`napari_sagegan.napari.layers.add_result_layers`).
+
+"Estimate" (:func:`napari_sagegan.napari.jobs.estimate_size`, over
+:func:`napari_sagegan.api.estimate_size`) shows the particle size before segmenting and
+fills the particle-size field (the user may type another); an uncertain estimate is a
+warning. For an image without a pixel size, a scale bar's pixel-size proposal is offered
+("Use pixel size ..."), applied to the layer only when clicked. The particle-size setting
+is the viewer's (:class:`~napari_sagegan.napari.state.ParticleSize`): Re-segment in
+Correct and retrain uses it too.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from napari.layers import Image
@@ -27,7 +36,13 @@ from qtpy.QtWidgets import (
 from napari_sagegan.napari import jobs
 from napari_sagegan.napari._qt.common import ModelDock, notify_error, notify_info, notify_warning
 from napari_sagegan.napari._qt.parts import LayerCombo, ModelCombo, ProgressPanel, device_combo
-from napari_sagegan.napari.layers import ADVICE_OPEN, ImageInput, add_result_layers, image_input
+from napari_sagegan.napari.layers import (
+    ADVICE_OPEN,
+    ImageInput,
+    add_result_layers,
+    image_input,
+    source_image_name,
+)
 
 
 class SegmentWidget(ModelDock):
@@ -75,6 +90,19 @@ class SegmentWidget(ModelDock):
         self.diameter_unit = QComboBox()
         self.diameter_unit.addItems(["px", "nm"])
         self.diameter_unit.setToolTip("nm needs the image's pixel size (scale or file metadata)")
+        self.estimate_button = QPushButton("Estimate")
+        self.estimate_button.setToolTip(
+            "Find the particle size of the image now (the network's own estimate, with its "
+            "confidence) and put it in the field; type another if you know better"
+        )
+        self.size_label = QLabel("")
+        self.size_label.setWordWrap(True)
+        self.pixel_size_button = QPushButton("")
+        self.pixel_size_button.setToolTip(
+            "Set the image layer's pixel size to the one its scale bar gives"
+        )
+        self.pixel_size_button.setVisible(False)
+        self.estimate: Any = None  # the last SizeEstimate
         self.split_check = QCheckBox("split touching particles")
         self.split_check.setChecked(True)
         self.attention_check = QCheckBox("show attention map")
@@ -92,6 +120,7 @@ class SegmentWidget(ModelDock):
         diameter_row = QHBoxLayout()
         diameter_row.addWidget(self.diameter_spin, 1)
         diameter_row.addWidget(self.diameter_unit)
+        diameter_row.addWidget(self.estimate_button)
         form = QFormLayout()
         form.addRow("Image", self.image_combo)
         form.addRow("", self.all_images)
@@ -100,6 +129,8 @@ class SegmentWidget(ModelDock):
         form.addRow("Tile size", self.tile_spin)
         form.addRow("Threshold", self.threshold_spin)
         form.addRow("Particle size", diameter_row)
+        form.addRow("", self.size_label)
+        form.addRow("", self.pixel_size_button)
         form.addRow("", self.split_check)
         form.addRow("", self.attention_check)
         lay = QVBoxLayout(self)
@@ -108,13 +139,26 @@ class SegmentWidget(ModelDock):
         lay.addWidget(self.progress)
         lay.addWidget(self.result_label)
         lay.addStretch(1)
-        self._busy_widgets = [self.run_button, self.load_button, self.model_combo]
+        self._busy_widgets = [
+            self.run_button,
+            self.load_button,
+            self.model_combo,
+            self.estimate_button,
+            self.pixel_size_button,
+        ]
 
         self.run_button.clicked.connect(self.run)
         self.progress.cancel_button.clicked.connect(self.cancel)
         self.load_button.clicked.connect(self._load_dialog)
         self.model_combo.activated.connect(self._model_chosen)
         self.all_images.toggled.connect(lambda on: self.image_combo.setEnabled(not on))
+        self.estimate_button.clicked.connect(self.estimate_size)
+        self.pixel_size_button.clicked.connect(self.apply_pixel_size)
+        self.particle_size = self.state.particle_size
+        self._show_particle_size()
+        self.diameter_spin.valueChanged.connect(self._particle_size_edited)
+        self.diameter_unit.currentTextChanged.connect(self._particle_size_edited)
+        self.particle_size.subscribe(self._show_particle_size)
         self.apply_model_settings()
 
     # ------------------------------------------------------------------ models
@@ -159,10 +203,110 @@ class SegmentWidget(ModelDock):
         notify_info(f"model {entry.name} loaded")
         return True
 
+    # ------------------------------------------------------------------ particle size
+    def _particle_size_edited(self, *_: Any) -> None:
+        self.particle_size.set(self.diameter_spin.value(), self.diameter_unit.currentText())
+
+    def _show_particle_size(self) -> None:
+        """Show the viewer's particle-size setting (changed here or in another dock)."""
+        try:
+            for w in (self.diameter_spin, self.diameter_unit):
+                w.blockSignals(True)
+            self.diameter_unit.setCurrentText(self.particle_size.unit)
+            self.diameter_spin.setValue(self.particle_size.value)
+        except RuntimeError:  # deleted widget
+            return
+        finally:
+            for w in (self.diameter_spin, self.diameter_unit):
+                try:
+                    w.blockSignals(False)
+                except RuntimeError:
+                    pass
+
+    def estimate_size(self) -> Any:
+        """Estimate the particle size of the selected image (the button); returns the
+        worker, or ``None`` if not started."""
+        if self.is_running:
+            return None
+        inputs = self._inputs(selected=True)
+        entry = self.store.current
+        if not inputs or not self.check_model(entry):
+            return None
+        image = inputs[0]
+        self.estimate = None
+        self.pixel_size_button.setVisible(False)
+        self.size_label.setText("")
+        self.progress.start(f"estimating the particle size of {image.name} ...")
+        return self.run_task(
+            jobs.estimate_size(
+                entry,
+                image,
+                device=self.device_combo.currentText(),
+                infer=self._infer(),
+                threads=self.threads,
+            ),
+            on_yield=self._on_progress,
+            on_return=self._on_estimate,
+            on_done=lambda status: self.progress.finish(
+                {"done": "estimated", "cancelled": "cancelled", "error": "failed"}[status]
+            ),
+        )
+
+    def _on_estimate(self, est: Any) -> None:
+        """Show the estimate, fill the field with it and offer the scale bar's pixel size."""
+        self.estimate = est
+        lines = []
+        if est.diameter is None:
+            lines.append(f"{est.name}: {est.describe()}; type the particle size if you know it")
+        else:
+            if self.diameter_unit.currentText() == "nm" and est.diameter_nm is not None:
+                self.particle_size.set(round(est.diameter_nm, 1), "nm")
+            else:
+                self.particle_size.set(round(est.diameter, 1), "px")
+            lines.append(f"{est.name}: {est.describe()}")
+            if est.uncertain:
+                notify_warning(
+                    f"{est.name}: the particle size estimate ({est.diameter:.3g} px, confidence "
+                    f"{est.confidence:.2f}) is uncertain: check the outlines after segmenting, "
+                    "or type the typical particle diameter you know"
+                )
+        if est.scale_bar is not None:
+            lines.append(est.describe_scale_bar())
+            px = est.proposed_pixel_size
+            if px:
+                self.pixel_size_button.setText(f"Use pixel size {px:.4g} nm (from the scale bar)")
+                self.pixel_size_button.setVisible(True)
+        self.size_label.setText("\n".join(lines))
+
+    def apply_pixel_size(self) -> bool:
+        """Set the estimated image layer's pixel size to its scale bar's (the button): the
+        layer (and the Labels layers made from it) get that scale in nm."""
+        est = self.estimate
+        px = est.proposed_pixel_size if est is not None else None
+        if not px or est.name not in self.viewer.layers:
+            notify_warning("There is no scale-bar pixel size to apply: press Estimate first.")
+            return False
+        image = self.viewer.layers[est.name]
+        targets = [image] + [
+            ly
+            for ly in self.viewer.layers
+            if ly is not image and ly.ndim == image.ndim and source_image_name(ly) == est.name
+        ]
+        for layer in targets:
+            nd = layer.ndim
+            layer.scale = tuple(layer.scale[: nd - 2]) + (px, px)
+            with contextlib.suppress(AttributeError, ValueError, TypeError):  # napari < 0.6
+                layer.units = tuple(layer.units[: nd - 2]) + ("nm", "nm")
+            layer.metadata = {**layer.metadata, "pixel_size_nm": px, "unit": "nm"}
+        self.pixel_size_button.setVisible(False)
+        notify_info(f"{est.name}: pixel size set to {px:.4g} nm (from its scale bar)")
+        return True
+
     # ------------------------------------------------------------------ arguments
-    def _inputs(self) -> list[ImageInput]:
-        """The image layers to segment, checked; bad ones are reported and skipped."""
-        if self.all_images.isChecked():
+    def _inputs(self, selected: bool = False) -> list[ImageInput]:
+        """The image layers to segment (``selected``: the chosen one, even with "all open
+        images"), checked; bad ones are reported and skipped."""
+        if self.all_images.isChecked() and not selected:
             layers = self.image_combo.layers()
         else:
             layers = [self.image_combo.layer()] if self.image_combo.layer() else []
@@ -185,16 +329,11 @@ class SegmentWidget(ModelDock):
         inputs = self._inputs()
         if not inputs:
             return None
-        diameter = float(self.diameter_spin.value())
-        in_nm = diameter > 0 and self.diameter_unit.currentText() == "nm"
-        if in_nm:
-            unknown = [im.name for im in inputs if not im.pixel_size_nm]
-            if unknown:
-                notify_error(
-                    f"The particle size is in nm, but the pixel size of {unknown[0]!r} is "
-                    "unknown: give the size in px, or open the image with its calibration."
-                )
-                return None
+        try:
+            size = self.particle_size.arguments(inputs)
+        except ValueError as err:
+            notify_error(str(err))
+            return None
         entry = self.store.current
         if not self.check_model(entry):
             return None
@@ -202,15 +341,17 @@ class SegmentWidget(ModelDock):
             "entry": entry,
             "images": inputs,
             "device": self.device_combo.currentText(),
-            "infer": {
-                "tile_size": int(self.tile_spin.value()),
-                "threshold": float(self.threshold_spin.value()),
-                "split": bool(self.split_check.isChecked()),
-            },
-            "diameter": max(diameter, 1.0) if diameter > 0 and not in_nm else None,
-            "diameter_nm": diameter if in_nm else None,
+            "infer": self._infer(),
+            **size,
             "with_attention": self.attention_check.isChecked(),
             "threads": self.threads,
+        }
+
+    def _infer(self) -> dict:
+        return {
+            "tile_size": int(self.tile_spin.value()),
+            "threshold": float(self.threshold_spin.value()),
+            "split": bool(self.split_check.isChecked()),
         }
 
     # ------------------------------------------------------------------ running
@@ -241,8 +382,18 @@ class SegmentWidget(ModelDock):
             result = ev.data["result"]
             add_result_layers(self.viewer, result)
             self._n_done += 1
+            line = result.describe()
+            if ev.data.get("annotations"):
+                line += f"; {ev.data['annotations']}"
             text = self.result_label.text()
-            self.result_label.setText((text + "\n" if text else "") + result.describe())
+            self.result_label.setText((text + "\n" if text else "") + line)
+            scale = result.scale
+            if scale is not None and scale.uncertain:
+                notify_warning(
+                    f"{result.image.name}: the particle size was uncertain (confidence "
+                    f"{scale.confidence:.2f}): check the outlines, or set the particle size "
+                    "(Estimate, or type it) and segment again"
+                )
         self.progress.show(ev)
 
     def _on_return(self, results: list) -> None:
