@@ -17,7 +17,8 @@ from the bundled model.
 Each chunk trains for ``--chunk-minutes`` (default 15) on the recipe of
 :func:`recipe` (EMPS leave-source-out training part plus generated pairs of every modality
 with burned-in scale bars and text), picks its best weights on a fixed selection set of
-training articles, re-calibrates the thresholds there (unbiased sizes), and scores:
+training articles, re-calibrates the thresholds there and on a few generated exact-label
+pairs (unbiased sizes), and scores:
 
 * on the leave-source-out EMPS validation (45 images of 44 articles, never trained or tuned
   on; benchmarks/emps.py), with each image's true particle size given: F1@0.5, Dice and
@@ -69,6 +70,9 @@ CURVE_KEYS = [
 N_GENERATED = 240
 #: Images of the selection set (whole training articles; model choice and calibration).
 N_SELECTION = 16
+#: Generated exact-label pairs added to the calibration set (human masks of real images and
+#: exact masks of generated ones pull the thresholds in opposite directions; both count).
+N_CALIBRATION_GENERATED = 8
 #: Particle diameters (px) of the generated exact-label check images.
 GEN_SIZES = (8, 16, 32, 64, 128, 200)
 
@@ -100,6 +104,13 @@ def recipe(seed: int = 0, n_generated: int = N_GENERATED):
     images = [i for i, _ in rest] + [i for i, _ in gen]
     labels = [lab for _, lab in rest] + [lab for _, lab in gen]
     return images, labels, [i for i, _ in sel], [lab for _, lab in sel], val
+
+
+def calibration_pairs(seed: int = 555):
+    """Generated exact-label pairs for the calibration set (other seeds than training's)."""
+    from napari_sagegan.engine.synthetic.render import make_training_set
+
+    return make_training_set(N_CALIBRATION_GENERATED, shape=(256, 256), seed=seed)
 
 
 def generated_checks(seed: int = 99):
@@ -221,7 +232,10 @@ def run_chunk(args, data, gen_pairs) -> None:
             print(f"  {ev.message} ({(time.perf_counter() - t_wall) / 60:.1f} min)", flush=True)
     steps = trainer.step - steps0
     seg = Segmenter.load(out, device=args.device)
-    point = run_to_end(calibrate(seg, sel_i, sel_l))
+    cal = calibration_pairs()
+    point = run_to_end(
+        calibrate(seg, list(sel_i) + [i for i, _ in cal], list(sel_l) + [lab for _, lab in cal])
+    )
     print("  " + point.describe(), flush=True)
     ck = Checkpoint.load(out)
     infer_dict = {**dict(ck.infer or {}), **point.infer_overrides()}
