@@ -195,30 +195,23 @@ class Segmented:
     def report(self) -> dict[str, Any]:
         """This image's entry of ``segment_report.json``."""
         s, res = self.scale, self.extra
-        confidence = getattr(s, "confidence", None)
-        if confidence is None:
-            confidence = getattr(res, "confidence", None)
-        excluded = getattr(res, "excluded", None)
-        if excluded is None:
-            excluded = getattr(s, "excluded", None)
-        diameter = getattr(s, "diameter", None)
+        diameter = s.diameter if s is not None else None
+        confidence = s.confidence if s is not None else None
+        excluded = list(res.excluded) if res is not None else []
         return {
             "file": self.path.name if self.path is not None else self.name,
             "diameter_px": float(diameter) if diameter is not None else None,
-            "diameter_source": _DIAMETER_SOURCES.get(getattr(s, "source", "none"), "none")
+            "diameter_source": _DIAMETER_SOURCES.get(s.source, "none")
             if diameter is not None
             else "none",
             "confidence": float(confidence) if confidence is not None else None,
-            "resample_factor": float(getattr(s, "factor", 1.0)),
+            "resample_factor": float(s.factor) if s is not None else 1.0,
             "threshold": float(self.config.threshold),
             "seed_threshold": float(self.config.seed_threshold),
             "n_particles": int(self.n_particles),
             "pixel_size_nm": self.pixel_size.nm,
             "pixel_size_source": self.pixel_size.source if self.pixel_size.known else None,
-            "excluded": [
-                dataclasses.asdict(e) if dataclasses.is_dataclass(e) else e
-                for e in (excluded or [])
-            ],
+            "excluded": excluded,
         }
 
 
