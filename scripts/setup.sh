@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up napari-sagegan on a fresh Debian/Ubuntu machine with Python 3.10+:
-# Debian packages for the headless Qt tests (when run as root), a virtual environment in
+# Debian packages for the headless Qt tests and the optional scale-bar OCR (when run as root), a virtual environment in
 # .venv, the CPU build of PyTorch, and the package with its test and benchmark extras.
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(xvfb libxcb-icccm4 libxcb-keysyms1 libxcb-image0 libxcb-render-util0
   libxcb-xkb1 libxkbcommon-x11-0 libxcb-randr0 libxcb-shape0 libxcb-cursor0
-  libxcb-xinerama0 libgl1 libegl1 libfontconfig1 libdbus-1-3 libglib2.0-0)
+  libxcb-xinerama0 libgl1 libegl1 libfontconfig1 libdbus-1-3 libglib2.0-0
+  tesseract-ocr tesseract-ocr-eng)  # the last two: optional OCR of scale-bar labels
 missing=()
 if command -v dpkg >/dev/null 2>&1; then
   for p in "${APT_PACKAGES[@]}"; do
