@@ -231,8 +231,17 @@ def estimate_size(
 class _Training:
     """An api training generator run in a worker, keeping its trainer for a Cancel.
 
-    Parameters as :class:`FineTune`.
+    Parameters as :class:`FineTune`. A subclass names its api function (``api_function``,
+    e.g. ``"fine_tune"``), the keyword that takes the loaded base model (``base_keyword``) and
+    the advice on bad pairs, and turns the trainer into its :meth:`result`.
     """
+
+    #: The :mod:`napari_sagegan.api` training function.
+    api_function: str
+    #: Its argument that takes the base model's checkpoint.
+    base_keyword: str
+    #: What to do when the pairs are not usable (shown with the error).
+    advice: str
 
     def __init__(
         self,
@@ -252,8 +261,25 @@ class _Training:
         self.threads = threads
         self.trainer: Any = None
 
-    def _start(self) -> Generator[Progress, None, Any]:  # pragma: no cover (abstract)
-        raise NotImplementedError
+    def _start(self) -> Generator[Progress, None, Any]:
+        from napari_sagegan import api
+
+        train = getattr(api, self.api_function)
+        return (
+            yield from train(
+                self.pairs,
+                folder=self.folder,
+                config=self.config,
+                device=self.device,
+                advice=self.advice,
+                **{self.base_keyword: self.base.load()},
+            )  # fmt: skip
+        )
+
+    def _trained(self) -> Any:
+        """The trainer once it kept a model (one validation), else ``None``."""
+        tr = self.trainer
+        return tr if tr is not None and tr.history else None
 
     def _keep_trainer(self, ev: Progress) -> Progress:
         trainer = ev.data.get("trainer")
@@ -297,30 +323,15 @@ class FineTune(_Training):
     user saves them.
     """
 
-    def _start(self) -> Generator[Progress, None, Any]:
-        from napari_sagegan import api
-
-        init = self.base.load()
-        return (
-            yield from api.fine_tune(
-                self.pairs,
-                folder=self.folder,
-                init=init,
-                config=self.config,
-                device=self.device,
-                advice=ADVICE_RETRAIN,
-            )  # fmt: skip
-        )
+    api_function, base_keyword, advice = "fine_tune", "init", ADVICE_RETRAIN
 
     def result(self) -> Any:
         """The best model so far as a checkpoint, also after a Cancel.
 
         ``None`` when training stopped before any model was kept (no epoch ended).
         """
-        tr = self.trainer
-        if tr is None or not tr.history:
-            return None
-        return tr.best_checkpoint(extra={"base_model": self.base.name})
+        tr = self._trained()
+        return None if tr is None else tr.best_checkpoint(extra={"base_model": self.base.name})
 
 
 class Augment(_Training):
@@ -338,27 +349,12 @@ class Augment(_Training):
         Extra pairs read in the worker.
     """
 
-    def _start(self) -> Generator[Progress, None, Any]:
-        from napari_sagegan import api
-
-        seg = self.base.load()
-        return (
-            yield from api.augment(
-                self.pairs,
-                folder=self.folder,
-                seg=seg,
-                config=self.config,
-                device=self.device,
-                advice=ADVICE_AUGMENT,
-            )  # fmt: skip
-        )
+    api_function, base_keyword, advice = "augment", "seg", ADVICE_AUGMENT
 
     def result(self) -> tuple[Any, Any] | None:
         """``(segmenter checkpoint, generator checkpoint)`` of the best so far, or ``None``."""
-        tr = self.trainer
-        if tr is None or not tr.history:
-            return None
-        return tr.segmenter_checkpoint(), tr.generator_checkpoint()
+        tr = self._trained()
+        return None if tr is None else (tr.segmenter_checkpoint(), tr.generator_checkpoint())
 
     def source_labels(self) -> list[np.ndarray]:
         """The training masks (network scale): the layouts of new pairs are drawn from them."""

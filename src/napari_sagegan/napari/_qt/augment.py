@@ -13,22 +13,21 @@ from __future__ import annotations
 from typing import Any
 
 from napari.layers import Labels
-from qtpy.QtWidgets import (
-    QComboBox,
-    QDoubleSpinBox,
-    QFormLayout,
-    QHBoxLayout,
-    QLabel,
-    QPushButton,
-    QSpinBox,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtWidgets import QFormLayout, QPushButton, QWidget
 
 from napari_sagegan.napari import jobs
-from napari_sagegan.napari._qt.common import ModelDock, notify_error, notify_info, notify_warning
-from napari_sagegan.napari._qt.parts import ModelCombo, PairPicker, ProgressPanel, device_combo
+from napari_sagegan.napari._qt.common import notify_error, notify_info, notify_warning
+from napari_sagegan.napari._qt.parts import (
+    ModelCombo,
+    button_row,
+    combo_box,
+    double_spin_box,
+    score_text,
+    spin_box,
+    text_label,
+)
 from napari_sagegan.napari._qt.plots import TermPlot
+from napari_sagegan.napari._qt.training import TrainingDock
 from napari_sagegan.napari.layers import (
     PREVIEW_NAME,
     SYNTH_PREFIX,
@@ -40,7 +39,7 @@ from napari_sagegan.napari.layers import (
 RETRAIN_DOCK = ("napari-sagegan", "Correct and retrain")
 
 
-class AugmentWidget(ModelDock):
+class AugmentWidget(TrainingDock):
     """Train SAGE-GAN phase 2 on the viewer's (image, labels) pairs, then generate pairs.
 
     Training runs in a worker with a time budget, per-term loss curves and a live preview
@@ -51,90 +50,56 @@ class AugmentWidget(ModelDock):
     Correct-and-retrain dock, opened if needed).
     """
 
-    training = True
+    job = jobs.Augment
+    training_set = "augment_set"
+    plot_class = TermPlot
+    train_text = "Train phase 2"
+    patch_max = 512
+    start_words = "SAGE-GAN phase 2 from {base} ..."
+    no_pairs = (
+        "No training pairs. Open an image with its Labels layer (named '<image> labels', or "
+        "made by Segment), tick it here - or choose a folder of pairs."
+    )
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
         super().__init__(napari_viewer, parent)
-        self.task: jobs.Augment | None = None
         #: Further GanConfig fields for scripts and tests (e.g. tiny networks).
         self.gan_extra: dict = {}
 
-        self.pairs = PairPicker(napari_viewer, self.state.augment_set)
-        self.pair_list = self.pairs.list
         self.pair_list.setMaximumHeight(110)
         self.pair_list.setToolTip("Tick the (image, labels) pairs to learn from")
-        self.folder_edit = self.pairs.folder_edit
         self.model_combo = ModelCombo(self.store)
         self.model_combo.setToolTip("The phase-1 segmenter that phase 2 starts from")
-        self.minutes_spin = QDoubleSpinBox()
-        self.minutes_spin.setRange(0.05, 600.0)
-        self.minutes_spin.setValue(10.0)
-        self.minutes_spin.setSuffix(" min")
-        self.patch_spin = QSpinBox()
-        self.patch_spin.setRange(32, 512)
-        self.patch_spin.setSingleStep(32)
-        self.patch_spin.setValue(128)
-        self.patch_spin.setSuffix(" px")
-        self.layout_combo = QComboBox()
-        self.layout_combo.addItems(["real", "paste", "lattice"])
-        self.layout_combo.setToolTip(
+        self.minutes_spin = double_spin_box(0.05, 600.0, 10.0, suffix=" min")
+        self.layout_combo = combo_box(
+            ["real", "paste", "lattice"],
             "New masks: real = transformed training masks; paste = real particles placed "
-            "at random; lattice = hexagonal/square lattices fitted to the training masks"
+            "at random; lattice = hexagonal/square lattices fitted to the training masks",
         )
-        self.n_spin = QSpinBox()
-        self.n_spin.setRange(1, 500)
-        self.n_spin.setValue(8)
-        self.device_combo = device_combo()
-        self.train_button = QPushButton("Train phase 2")
-        self.progress = ProgressPanel()
-        self.plot = TermPlot()
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        self.n_spin = spin_box(1, 500, 8)
+        self.status = text_label()
         self.generate_button = QPushButton("Generate pairs")
         self.retrain_button = QPushButton("Add to retraining set")
         self.delete_button = QPushButton("Delete generated")
 
-        form = QFormLayout()
-        form.addRow("Extra pairs", self.pairs.folder_row)
-        form.addRow("Segmenter", self.model_combo)
-        form.addRow("Time budget", self.minutes_spin)
-        form.addRow("Patch size", self.patch_spin)
-        form.addRow("Device", self.device_combo)
+        form = self.training_form(
+            ("Segmenter", self.model_combo), ("Time budget", self.minutes_spin)
+        )
         gen_form = QFormLayout()
         gen_form.addRow("Layout", self.layout_combo)
         gen_form.addRow("Pairs", self.n_spin)
-        after = QHBoxLayout()
-        after.addWidget(self.generate_button)
-        after.addWidget(self.retrain_button)
-        after.addWidget(self.delete_button)
-        lay = QVBoxLayout(self)
-        lay.addWidget(self.pairs)
-        lay.addLayout(form)
-        lay.addWidget(self.train_button)
-        lay.addWidget(self.progress)
-        lay.addWidget(self.plot, 1)
-        lay.addWidget(self.status)
-        lay.addLayout(gen_form)
-        lay.addLayout(after)
+        after = button_row(self.generate_button, self.retrain_button, self.delete_button)
+        self.training_layout(form, self.status, gen_form, after)
         self._busy_widgets = [self.train_button, self.generate_button]
 
-        self.train_button.clicked.connect(self.start_training)
-        self.progress.cancel_button.clicked.connect(self.cancel)
         self.generate_button.clicked.connect(self.start_generate)
         self.retrain_button.clicked.connect(self.add_to_retraining)
         self.delete_button.clicked.connect(self.delete_generated)
-        self.state.phase2.subscribe(self._refresh_generator)
-        self._refresh_generator()
+        self.state.phase2.subscribe(self.refresh_buttons)
+        self.refresh_buttons()
 
-    # ------------------------------------------------------------------ inputs
-    def refresh_pairs(self, *_: Any) -> None:
-        """List (labels, image) pairs; real ones ticked, generated ones not."""
-        self.pairs.refresh()
-
-    def checked_labels(self) -> list[str]:
-        return self.pairs.checked_labels()
-
-    def gan_config(self) -> Any:
+    # ------------------------------------------------------------------ training
+    def config(self) -> Any:
         """The :class:`~napari_sagegan.engine.config.GanConfig` set in the widget: a short
         schedule (:meth:`~napari_sagegan.engine.config.GanConfig.short`) whose segmenter
         training (``config.train``) has the widget's budget and patch size."""
@@ -148,43 +113,17 @@ class AugmentWidget(ModelDock):
         values.update(self.gan_extra)
         return GanConfig.short(**values)  # TrainConfig fields go into config.train
 
-    def arguments(self) -> dict | None:
-        """The widget's values as the arguments of :class:`~napari_sagegan.napari.jobs.
-        Augment`; ``None`` (and a notification) when it cannot start."""
-        return self.training_arguments(
-            self.pairs,
-            self.model_combo.entry(),
-            self.gan_config,
-            "No training pairs. Open an image with its Labels layer (named '<image> "
-            "labels', or made by Segment), tick it here - or choose a folder of pairs.",
-        )
+    def base_model(self) -> Any:
+        """The phase-1 segmenter chosen."""
+        return self.model_combo.entry()
 
-    # ------------------------------------------------------------------ training
-    def start_training(self) -> Any:
-        """Train phase 2 (the button); returns the worker or ``None``."""
-        if self.is_running:
-            return None
-        args = self.arguments()
-        if args is None:
-            return None
-        self.task = jobs.Augment(**args)
-        self.plot.clear()
-        self.progress.start(f"SAGE-GAN phase 2 from {args['base'].name} ...")
-        return self.run_task(
-            self.task.run(),
-            on_yield=self._on_progress,
-            on_return=lambda _: None,
-            on_done=self._on_training_done,
-        )
-
-    def _on_progress(self, ev: Any) -> None:
+    def show_training_event(self, ev: Any) -> None:
         if ev.stage == "train":
             self.plot.add(float(ev.step), ev.data)
         elif ev.stage == "preview" and "image" in ev.data:
             self._show_preview(ev.data["image"])
         elif ev.stage == "validate":
             self.status.setText(ev.message)
-        self.progress.show(ev)
 
     def _show_preview(self, image: Any) -> None:
         if PREVIEW_NAME in self.viewer.layers:
@@ -194,38 +133,24 @@ class AugmentWidget(ModelDock):
                 image, name=PREVIEW_NAME, colormap="gray", contrast_limits=(-1, 1)
             )
 
-    def _on_training_done(self, status: str) -> None:
-        task, self.task = self.task, None  # free the training data and the optimisers
-        result = task.result() if task is not None else None
-        if status == "error" or result is None:
-            text = "failed" if status == "error" else "stopped before the first validation"
-            self.progress.finish(f"{text}; nothing changed")
-            return
+    def trained(self, task: Any, result: Any) -> str:
         seg_ckpt, gen_ckpt = result
         self.state.phase2.set_generator(gen_ckpt, task.source_labels())
         entry = self.store.add_tuned(seg_ckpt)
-        m = seg_ckpt["metrics"]
-        score = f"val Dice {m['dice']:.3f}, F1@0.5 {m['f1@0.5']:.3f}" if "dice" in m else ""
         ssim = gen_ckpt["metrics"].get("ssim")
-        how = "cancelled, best kept" if status == "cancelled" else "done"
-        self.progress.finish(
-            f"{how}: segmenter {entry.name} ({score})"
-            + (f"; generator SSIM {ssim:.3f}" if ssim is not None else "")
+        return f"segmenter {entry.name} ({score_text(seg_ckpt['metrics'])})" + (
+            f"; generator SSIM {ssim:.3f}" if ssim is not None else ""
         )
 
     # ------------------------------------------------------------------ generated pairs
-    def _refresh_generator(self) -> None:
+    def refresh_buttons(self) -> None:
+        """Enable "Generate pairs" only when phase 2 has a generator."""
         try:
             self.generate_button.setEnabled(
                 self.state.phase2.generator is not None and not self.is_running
             )
         except RuntimeError:  # deleted widget
             pass
-
-    def _set_busy(self, busy: bool) -> None:
-        super()._set_busy(busy)
-        if not busy:
-            self._refresh_generator()
 
     def start_generate(self) -> Any:
         """Generate N pairs with the trained generator (the button); returns the worker."""
@@ -244,14 +169,8 @@ class AugmentWidget(ModelDock):
             device=self.device_combo.currentText(),
             threads=self.threads,
         )
-        self.progress.start("generating pairs ...")
-        return self.run_task(
-            gen,
-            on_yield=self.progress.show,
-            on_return=self._add_pairs,
-            on_done=lambda status: self.progress.finish(
-                "pairs added" if status == "done" else status
-            ),
+        return self.run_with_progress(
+            gen, "generating pairs ...", on_return=self._add_pairs, done="pairs added"
         )
 
     def _add_pairs(self, pairs: list) -> None:

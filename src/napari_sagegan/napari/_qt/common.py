@@ -5,6 +5,8 @@
 arrives with ``returned``, bad input raised in the worker becomes one error notification,
 Cancel and closing the dock or the viewer stop the worker at its next event. The visible
 parts (progress panel, pair list, plots) are in :mod:`.parts` and :mod:`.plots`.
+:class:`ModelDock` adds the viewer's shared state; the training docks' base is
+:class:`~napari_sagegan.napari._qt.training.TrainingDock`.
 """
 
 from __future__ import annotations
@@ -135,8 +137,10 @@ def _is_running(worker: Any) -> bool:
 class DockBase(QWidget):
     """A dock widget that runs one engine generator at a time in a worker thread.
 
-    Subclasses call :meth:`run_task`; a second call while a task runs is ignored (the run
-    buttons are disabled meanwhile). Closing the widget, or the viewer, asks the worker to
+    Every dock takes ``(napari_viewer, parent=None)``: the viewer (given by napari when the
+    dock is opened from the Plugins menu) and an optional parent widget. Subclasses call
+    :meth:`run_task`; a second call while a task runs is ignored (the run buttons are
+    disabled meanwhile). Closing the widget, or the viewer, asks the worker to
     stop at its next progress event and waits for it.
     """
 
@@ -309,3 +313,38 @@ class ModelDock(DockBase):
             "device": self.device_combo.currentText(),
             "threads": self.threads,
         }
+
+    def ready_arguments(self) -> dict | None:
+        """The dock's :meth:`arguments` when no task runs (``None`` while one runs, or when
+        they are incomplete: the dock said why)."""
+        return None if self.is_running else self.arguments()
+
+    def arguments(self) -> dict | None:  # pragma: no cover (abstract)
+        raise NotImplementedError
+
+    def run_with_progress(
+        self,
+        gen: Generator,
+        text: str,
+        *,
+        on_yield: Callable[[Any], None] | None = None,
+        on_return: Callable[[Any], None] | None = None,
+        done: str = "done",
+        on_done: Callable[[str], None] | None = None,
+    ) -> Any:
+        """:meth:`run_task` with the dock's ``progress`` panel: started with ``text``, each
+        event shown (after ``on_yield``), finished in words (``done``, cancelled, failed)
+        unless ``on_done`` is given."""
+
+        def shown(ev: Any) -> None:
+            if on_yield is not None:
+                on_yield(ev)
+            self.progress.show(ev)
+
+        self.progress.start(text)
+        return self.run_task(
+            gen,
+            on_yield=shown,
+            on_return=on_return or (lambda _: None),
+            on_done=on_done or (lambda status: self.progress.finish_status(status, done)),
+        )

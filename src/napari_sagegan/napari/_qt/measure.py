@@ -17,12 +17,8 @@ from napari.layers import Image, Labels
 from qtpy.QtCore import QAbstractTableModel, QModelIndex, QSortFilterProxyModel, Qt
 from qtpy.QtWidgets import (
     QCheckBox,
-    QComboBox,
-    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
-    QHBoxLayout,
-    QLabel,
     QPushButton,
     QTableView,
     QTabWidget,
@@ -32,6 +28,7 @@ from qtpy.QtWidgets import (
 
 from napari_sagegan import api
 from napari_sagegan.napari._qt.common import DockBase
+from napari_sagegan.napari._qt.parts import button_row, combo_box, double_spin_box, text_label
 from napari_sagegan.napari.layers import layer_pixel_size
 from napari_sagegan.util.progress import run_to_end
 
@@ -93,13 +90,7 @@ class _TableModel(QAbstractTableModel):
 
 
 class MeasureWidget(DockBase):
-    """Measure the particles of a Labels layer, in nm when the pixel size is known.
-
-    Parameters
-    ----------
-    napari_viewer : napari.viewer.Viewer
-        The viewer (given by napari when the widget is opened from the Plugins menu).
-    """
+    """Measure the particles of a Labels layer, in nm when the pixel size is known."""
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
         super().__init__(napari_viewer, parent)
@@ -108,23 +99,23 @@ class MeasureWidget(DockBase):
         self._result_layer: Labels | None = None
         self._original_colormaps: dict[int, Any] = {}
 
-        self.labels_combo = QComboBox()
-        self.labels_combo.setToolTip("The Labels layer to measure (0 = background)")
-        self.image_combo = QComboBox()
-        self.image_combo.setToolTip("Optional: the micrograph, for each particle's mean intensity")
-        self.pixel_size = QDoubleSpinBox()
-        self.pixel_size.setRange(0.0, 1e6)
-        self.pixel_size.setDecimals(4)
-        self.pixel_size.setSuffix(" nm")
-        self.pixel_size.setSpecialValueText("unknown: pixels")
-        self.pixel_size.setToolTip(
-            "nm per pixel; filled in from the layers' metadata or scale when they carry it. "
-            "0 measures in pixels"
+        self.labels_combo = combo_box(tooltip="The Labels layer to measure (0 = background)")
+        self.image_combo = combo_box(
+            tooltip="Optional: the micrograph, for each particle's mean intensity"
+        )
+        self.pixel_size = double_spin_box(
+            0.0,
+            1e6,
+            0.0,
+            decimals=4,
+            suffix=" nm",
+            special="unknown: pixels",
+            tooltip="nm per pixel; filled in from the layers' metadata or scale when they "
+            "carry it. 0 measures in pixels",
         )
         self.include_border = QCheckBox("include particles touching the border in statistics")
         self.measure_button = QPushButton("Measure")
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        self.status = text_label()
 
         self.table_model = _TableModel()
         proxy = QSortFilterProxyModel(self)
@@ -145,8 +136,9 @@ class MeasureWidget(DockBase):
         self.tabs.addTab(self.table_view, "Table")
         self.tabs.addTab(self.canvas, "Plots")
 
-        self.colour_combo = QComboBox()
-        self.colour_combo.setToolTip("Colour the particles by this property (grey: undefined)")
+        self.colour_combo = combo_box(
+            tooltip="Colour the particles by this property (grey: undefined)"
+        )
         self.colour_button = QPushButton("Colour")
         self.reset_button = QPushButton("Reset colours")
         self.export_button = QPushButton("Export CSV...")
@@ -157,10 +149,7 @@ class MeasureWidget(DockBase):
         form.addRow("Labels", self.labels_combo)
         form.addRow("Image", self.image_combo)
         form.addRow("Pixel size", self.pixel_size)
-        colour_row = QHBoxLayout()
-        colour_row.addWidget(self.colour_combo, 1)
-        colour_row.addWidget(self.colour_button)
-        colour_row.addWidget(self.reset_button)
+        colour_row = button_row(self.colour_combo, self.colour_button, self.reset_button, stretch=0)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.include_border)

@@ -7,6 +7,10 @@
   :class:`~napari_sagegan.napari.state.ModelStore`.
 - :class:`LayerCombo`: the viewer's layers of one kind, following them.
 - :func:`device_combo`: ``auto | cpu | cuda | mps``.
+- :func:`spin_box`, :func:`double_spin_box`, :func:`combo_box`, :func:`push_button`,
+  :func:`text_label`, :func:`button_row`: the docks' fields, buttons, status lines and
+  rows, each set up in one call.
+- :func:`score_text`, :func:`status_text`: a model's validation scores, a task's end.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QComboBox,
+    QDoubleSpinBox,
     QFileDialog,
     QHBoxLayout,
     QLabel,
@@ -26,6 +31,7 @@ from qtpy.QtWidgets import (
     QListWidgetItem,
     QProgressBar,
     QPushButton,
+    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
@@ -39,8 +45,16 @@ __all__ = [
     "ModelCombo",
     "PairPicker",
     "ProgressPanel",
+    "button_row",
+    "combo_box",
     "device_combo",
+    "double_spin_box",
     "format_eta",
+    "push_button",
+    "score_text",
+    "spin_box",
+    "status_text",
+    "text_label",
 ]
 
 #: The devices offered (see :func:`napari_sagegan.engine.device.resolve_device`).
@@ -61,13 +75,107 @@ def format_eta(seconds: float | None) -> str:
     return f"ETA {s // 3600} h {(s % 3600) // 60:02d} min"
 
 
-def device_combo(tooltip: str | None = None) -> QComboBox:
-    """A chooser of ``auto | cpu | cuda | mps``."""
+def combo_box(items: tuple[str, ...] | list[str] = (), tooltip: str | None = None) -> QComboBox:
+    """A chooser of ``items`` (more can be added later)."""
     combo = QComboBox()
-    combo.addItems(DEVICES)
+    combo.addItems(list(items))
     if tooltip:
         combo.setToolTip(tooltip)
     return combo
+
+
+def device_combo(tooltip: str | None = None) -> QComboBox:
+    """A chooser of ``auto | cpu | cuda | mps``."""
+    return combo_box(DEVICES, tooltip)
+
+
+def push_button(text: str, tooltip: str | None = None) -> QPushButton:
+    """A button with its tooltip."""
+    button = QPushButton(text)
+    if tooltip:
+        button.setToolTip(tooltip)
+    return button
+
+
+def text_label() -> QLabel:
+    """An empty, word-wrapped label for status and result lines."""
+    label = QLabel("")
+    label.setWordWrap(True)
+    return label
+
+
+def _set_number_field(box: Any, low: float, high: float, value: float, **options: Any) -> None:
+    step, suffix = options.get("step"), options.get("suffix")
+    special, tooltip = options.get("special"), options.get("tooltip")
+    box.setRange(low, high)
+    if step is not None:
+        box.setSingleStep(step)
+    box.setValue(value)
+    if suffix:
+        box.setSuffix(suffix)
+    if special:
+        box.setSpecialValueText(special)
+    if tooltip:
+        box.setToolTip(tooltip)
+
+
+def spin_box(
+    low: int,
+    high: int,
+    value: int,
+    *,
+    step: int | None = None,
+    suffix: str = "",
+    tooltip: str | None = None,
+) -> QSpinBox:
+    """An integer field from ``low`` to ``high`` showing ``value`` (``suffix``: e.g. ``" px"``)."""
+    box = QSpinBox()
+    _set_number_field(box, low, high, value, step=step, suffix=suffix, tooltip=tooltip)
+    return box
+
+
+def double_spin_box(
+    low: float,
+    high: float,
+    value: float,
+    *,
+    decimals: int | None = None,
+    step: float | None = None,
+    suffix: str = "",
+    special: str | None = None,
+    tooltip: str | None = None,
+) -> QDoubleSpinBox:
+    """A decimal field from ``low`` to ``high`` showing ``value``; ``special`` is the text
+    shown at ``low`` (e.g. ``"auto"``)."""
+    box = QDoubleSpinBox()
+    if decimals is not None:
+        box.setDecimals(decimals)  # before the range and value, which it rounds
+    _set_number_field(
+        box, low, high, value, step=step, suffix=suffix, special=special, tooltip=tooltip
+    )
+    return box
+
+
+def button_row(*widgets: QWidget, stretch: int | None = None) -> QHBoxLayout:
+    """A row of ``widgets`` (buttons, fields); ``stretch`` is the index of the one that
+    takes the spare width."""
+    row = QHBoxLayout()
+    for i, w in enumerate(widgets):
+        row.addWidget(w, 1 if i == stretch else 0)
+    return row
+
+
+def status_text(status: str, done: str = "done") -> str:
+    """A task's end (``status``: ``done``, ``cancelled`` or ``error``) in words: ``done``,
+    ``"cancelled"`` or ``"failed"``."""
+    return {"done": done, "cancelled": "cancelled", "error": "failed"}[status]
+
+
+def score_text(metrics: dict) -> str:
+    """``"val Dice 0.812, F1@0.5 0.700"``; empty without validation scores."""
+    if "dice" not in metrics:
+        return ""
+    return f"val Dice {metrics['dice']:.3f}, F1@0.5 {metrics['f1@0.5']:.3f}"
 
 
 class ProgressPanel(QWidget):
@@ -83,8 +191,7 @@ class ProgressPanel(QWidget):
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.cancel_button.setToolTip("Stop at the next tile or training step")
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        self.status = text_label()
         row = QHBoxLayout()
         row.setContentsMargins(0, 0, 0, 0)
         row.addWidget(self.bar, 1)
@@ -117,6 +224,10 @@ class ProgressPanel(QWidget):
             self.bar.setRange(0, 1)
         self.cancel_button.setEnabled(False)
         self.status.setText(text)
+
+    def finish_status(self, status: str, done: str = "done") -> None:
+        """Finish with a task's end in words (:func:`status_text`)."""
+        self.finish(status_text(status, done))
 
 
 def _plain_text(candidate: PairCandidate) -> tuple[str, str]:

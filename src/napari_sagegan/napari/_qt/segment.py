@@ -21,21 +21,29 @@ from typing import Any
 from napari.layers import Image
 from qtpy.QtWidgets import (
     QCheckBox,
-    QComboBox,
-    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
-    QHBoxLayout,
     QLabel,
     QPushButton,
-    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
 from napari_sagegan.napari import jobs
 from napari_sagegan.napari._qt.common import ModelDock, notify_error, notify_info, notify_warning
-from napari_sagegan.napari._qt.parts import LayerCombo, ModelCombo, ProgressPanel, device_combo
+from napari_sagegan.napari._qt.parts import (
+    LayerCombo,
+    ModelCombo,
+    ProgressPanel,
+    button_row,
+    combo_box,
+    device_combo,
+    double_spin_box,
+    push_button,
+    spin_box,
+    status_text,
+    text_label,
+)
 from napari_sagegan.napari.layers import (
     ADVICE_OPEN,
     ImageInput,
@@ -46,13 +54,7 @@ from napari_sagegan.napari.layers import (
 
 
 class SegmentWidget(ModelDock):
-    """Segment the selected image layer (2-D or 3-D), or every open image, into particles.
-
-    Parameters
-    ----------
-    napari_viewer : napari.viewer.Viewer
-        The viewer (given by napari when the widget is opened from the Plugins menu).
-    """
+    """Segment the selected image layer (2-D or 3-D), or every open image, into particles."""
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
         super().__init__(napari_viewer, parent)
@@ -63,43 +65,42 @@ class SegmentWidget(ModelDock):
         self.model_combo.setToolTip(
             "The segmenter: the bundled default, a model file, or one fine-tuned here"
         )
-        self.load_button = QPushButton("Load...")
-        self.load_button.setToolTip("Load a model file (.pt) written by napari-sagegan")
+        self.load_button = push_button(
+            "Load...", "Load a model file (.pt) written by napari-sagegan"
+        )
         self.device_combo = device_combo("auto: CUDA GPU, then Apple MPS, then the CPU")
         self.device_label = QLabel("used: -")
-        self.tile_spin = QSpinBox()
-        self.tile_spin.setRange(64, 4096)
-        self.tile_spin.setSingleStep(64)
-        self.tile_spin.setValue(512)
-        self.tile_spin.setSuffix(" px")
-        self.tile_spin.setToolTip("Images are processed in overlapping tiles of this size")
-        self.threshold_spin = QDoubleSpinBox()
-        self.threshold_spin.setRange(0.05, 0.95)
-        self.threshold_spin.setSingleStep(0.05)
-        self.threshold_spin.setDecimals(2)
-        self.threshold_spin.setValue(0.5)
-        self.threshold_spin.setToolTip("Particle probability threshold")
-        self.diameter_spin = QDoubleSpinBox()
-        self.diameter_spin.setRange(0.0, 100000.0)
-        self.diameter_spin.setDecimals(1)
-        self.diameter_spin.setSpecialValueText("auto")
-        self.diameter_spin.setToolTip(
-            "Typical particle diameter, if you know it; 0 estimates it for each image. The "
-            "image is resampled so its particles come out at the size the network works at"
+        self.tile_spin = spin_box(
+            64,
+            4096,
+            512,
+            step=64,
+            suffix=" px",
+            tooltip="Images are processed in overlapping tiles of this size",
         )
-        self.diameter_unit = QComboBox()
-        self.diameter_unit.addItems(["px", "nm"])
-        self.diameter_unit.setToolTip("nm needs the image's pixel size (scale or file metadata)")
-        self.estimate_button = QPushButton("Estimate")
-        self.estimate_button.setToolTip(
+        self.threshold_spin = double_spin_box(
+            0.05, 0.95, 0.5, decimals=2, step=0.05, tooltip="Particle probability threshold"
+        )
+        self.diameter_spin = double_spin_box(
+            0.0,
+            100000.0,
+            0.0,
+            decimals=1,
+            special="auto",
+            tooltip="Typical particle diameter, if you know it; 0 estimates it for each image. "
+            "The image is resampled so its particles come out at the size the network works at",
+        )
+        self.diameter_unit = combo_box(
+            ["px", "nm"], "nm needs the image's pixel size (scale or file metadata)"
+        )
+        self.estimate_button = push_button(
+            "Estimate",
             "Find the particle size of the image now (the network's own estimate, with its "
-            "confidence) and put it in the field; type another if you know better"
+            "confidence) and put it in the field; type another if you know better",
         )
-        self.size_label = QLabel("")
-        self.size_label.setWordWrap(True)
-        self.pixel_size_button = QPushButton("")
-        self.pixel_size_button.setToolTip(
-            "Set the image layer's pixel size to the one its scale bar gives"
+        self.size_label = text_label()
+        self.pixel_size_button = push_button(
+            "", "Set the image layer's pixel size to the one its scale bar gives"
         )
         self.pixel_size_button.setVisible(False)
         self.estimate: Any = None  # the last SizeEstimate
@@ -108,19 +109,13 @@ class SegmentWidget(ModelDock):
         self.attention_check = QCheckBox("show attention map")
         self.run_button = QPushButton("Segment")
         self.progress = ProgressPanel()
-        self.result_label = QLabel("")
-        self.result_label.setWordWrap(True)
+        self.result_label = text_label()
 
-        model_row = QHBoxLayout()
-        model_row.addWidget(self.model_combo, 1)
-        model_row.addWidget(self.load_button)
-        device_row = QHBoxLayout()
-        device_row.addWidget(self.device_combo)
-        device_row.addWidget(self.device_label, 1)
-        diameter_row = QHBoxLayout()
-        diameter_row.addWidget(self.diameter_spin, 1)
-        diameter_row.addWidget(self.diameter_unit)
-        diameter_row.addWidget(self.estimate_button)
+        model_row = button_row(self.model_combo, self.load_button, stretch=0)
+        device_row = button_row(self.device_combo, self.device_label, stretch=1)
+        diameter_row = button_row(
+            self.diameter_spin, self.diameter_unit, self.estimate_button, stretch=0
+        )
         form = QFormLayout()
         form.addRow("Image", self.image_combo)
         form.addRow("", self.all_images)
@@ -160,6 +155,7 @@ class SegmentWidget(ModelDock):
         self.diameter_unit.currentTextChanged.connect(self._particle_size_edited)
         self.particle_size.subscribe(self._show_particle_size)
         self.apply_model_settings()
+        self.store.subscribe(self._current_model_changed)
 
     # ------------------------------------------------------------------ models
     def _model_chosen(self, index: int) -> None:
@@ -170,9 +166,19 @@ class SegmentWidget(ModelDock):
         self.store.select(entry)
         self.apply_model_settings()
 
+    def _current_model_changed(self) -> None:
+        """Another model became current (fine-tuned, swapped back in another dock): show
+        its settings (its calibrated threshold)."""
+        if self.store.current is not self._settings_of:
+            try:
+                self.apply_model_settings()
+            except RuntimeError:  # deleted widget
+                pass
+
     def apply_model_settings(self) -> None:
         """Show the current model's recommended tile size, threshold and split setting."""
         entry = self.store.current
+        self._settings_of = entry
         try:
             entry.check_available()
             infer = entry.load().get("infer") or {}
@@ -236,8 +242,7 @@ class SegmentWidget(ModelDock):
         self.estimate = None
         self.pixel_size_button.setVisible(False)
         self.size_label.setText("")
-        self.progress.start(f"estimating the particle size of {image.name} ...")
-        return self.run_task(
+        return self.run_with_progress(
             jobs.estimate_size(
                 entry,
                 image,
@@ -245,11 +250,10 @@ class SegmentWidget(ModelDock):
                 infer=self._infer(),
                 threads=self.threads,
             ),
-            on_yield=self._on_progress,
+            f"estimating the particle size of {image.name} ...",
+            on_yield=self._on_event,
             on_return=self._on_estimate,
-            on_done=lambda status: self.progress.finish(
-                {"done": "estimated", "cancelled": "cancelled", "error": "failed"}[status]
-            ),
+            done="estimated",
         )
 
     def _on_estimate(self, est: Any) -> None:
@@ -357,24 +361,24 @@ class SegmentWidget(ModelDock):
     # ------------------------------------------------------------------ running
     def run(self) -> Any:
         """Start segmenting (the button); returns the worker, or ``None`` if not started."""
-        if self.is_running:
-            return None
-        args = self.arguments()
+        args = self.ready_arguments()
         if args is None:
             return None
         self._n_done = 0
         inputs = args["images"]
         what = inputs[0].name if len(inputs) == 1 else f"{len(inputs)} images"
-        self.progress.start(f"segmenting {what} with {args['entry'].name} ...")
+        gen = jobs.segment_layers(**args)
         self.result_label.setText("")
-        return self.run_task(
-            jobs.segment_layers(**args),
-            on_yield=self._on_progress,
+        return self.run_with_progress(
+            gen,
+            f"segmenting {what} with {args['entry'].name} ...",
+            on_yield=self._on_event,
             on_return=self._on_return,
             on_done=self._on_done,
         )
 
-    def _on_progress(self, ev: Any) -> None:
+    def _on_event(self, ev: Any) -> None:
+        """Show the device used and each finished image (the progress panel shows ``ev``)."""
         if ev.data.get("device"):
             used = str(ev.data["device"]).replace("(1 threads)", "(1 thread)")
             self.device_label.setText(f"used: {used}")
@@ -394,12 +398,10 @@ class SegmentWidget(ModelDock):
                     f"{scale.confidence:.2f}): check the outlines, or set the particle size "
                     "(Estimate, or type it) and segment again"
                 )
-        self.progress.show(ev)
 
     def _on_return(self, results: list) -> None:
         self.results = results
 
     def _on_done(self, status: str) -> None:
         kept = f" ({self._n_done} finished image(s) kept)" if self._n_done else ""
-        text = {"done": "done", "cancelled": "cancelled", "error": "failed"}[status]
-        self.progress.finish(text + (kept if status != "done" else ""))
+        self.progress.finish(status_text(status) + (kept if status != "done" else ""))
