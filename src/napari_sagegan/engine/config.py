@@ -171,7 +171,7 @@ class TrainConfig(_Config):
     # used again at inference); ``None`` trains at the images' own scale. Patches are then
     # zoomed by a random factor in [1/scale_jitter, scale_jitter] (log-uniform).
     target_diameter: float | None = 32.0
-    scale_jitter: float = 1.5
+    scale_jitter: float = 2.0  # x1/2 to x2: a size estimate off by 1.5x costs little
     # After training, choose the probability and seed thresholds on the validation images
     # so that particle sizes are unbiased and F1 is highest (engine/infer/calibrate.py);
     # they are stored in the checkpoint and used by `segment` unless overridden.
