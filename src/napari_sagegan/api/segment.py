@@ -3,6 +3,10 @@
 map.
 
 The pixel size and the particle diameter of every image are resolved here, once.
+
+Why ~570 lines: the inputs (arrays, paths, EM files), their pixel size and diameter, the
+staged output folder, the per-image report (``segment_report.json``) and the size estimate
+share these resolutions; splitting them would resolve a pixel size in two places again.
 """
 
 from __future__ import annotations
