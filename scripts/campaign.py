@@ -351,7 +351,7 @@ def _curve_table() -> str:
         return "(no chunk yet)"
     with open(CURVE, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    head = "| chunk | optimiser steps | CPU-hours | threshold / seed | selection F1@0.5 | LSO F1@0.5 | LSO Dice | LSO size bias | generated F1@0.5 | generated size bias |"
+    head = "| chunk | optimiser steps | CPU-hours | threshold / seed | selection F1@0.5 | LSO F1@0.5 (pooled) | LSO Dice | LSO size bias | generated F1@0.5 (pooled) | generated size bias |"
     lines = [head, "|" + "---|" * 10]
     for r in rows:
 
