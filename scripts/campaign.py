@@ -90,6 +90,15 @@ def recipe(seed: int = 0, n_generated: int = N_GENERATED):
     from napari_sagegan.engine.synthetic.render import make_training_set
 
     train, val = emps.load_lso()
+    sel, rest = split_selection(train)
+    gen = with_annotations(make_training_set(n_generated, shape=(256, 256), seed=seed), seed, 0.5)
+    images = [i for i, _ in rest] + [i for i, _ in gen]
+    labels = [lab for _, lab in rest] + [lab for _, lab in gen]
+    return images, labels, [i for i, _ in sel], [lab for _, lab in sel], val
+
+
+def split_selection(train):
+    """(selection, rest) of the EMPS training pairs, by whole articles, as (image, labels)."""
     art = emps.articles()
     dois = sorted({art[s] for s, _i, _l in train})
     rng = np.random.default_rng(1234)
@@ -100,10 +109,22 @@ def recipe(seed: int = 0, n_generated: int = N_GENERATED):
         sel_dois.add(str(d))
     sel = [(i, lab) for s, i, lab in train if art[s] in sel_dois]
     rest = [(i, lab) for s, i, lab in train if art[s] not in sel_dois]
-    gen = with_annotations(make_training_set(n_generated, shape=(256, 256), seed=seed), seed, 0.5)
-    images = [i for i, _ in rest] + [i for i, _ in gen]
-    labels = [lab for _, lab in rest] + [lab for _, lab in gen]
-    return images, labels, [i for i, _ in sel], [lab for _, lab in sel], val
+    return sel, rest
+
+
+def recalibrate(seg, sel):
+    """Calibrate ``seg``'s thresholds on the selection pairs plus generated exact-label ones;
+    returns the OperatingPoint (``seg``'s checkpoint gets the new ``infer``)."""
+    from napari_sagegan.engine.infer.calibrate import calibrate
+    from napari_sagegan.util.progress import run_to_end
+
+    cal = list(sel) + list(calibration_pairs())
+    point = run_to_end(calibrate(seg, [i for i, _ in cal], [lab for _, lab in cal]))
+    seg.checkpoint = {
+        **dict(seg.checkpoint),
+        "infer": {**dict(seg.checkpoint.get("infer") or {}), **point.infer_overrides()},
+    }
+    return point
 
 
 def calibration_pairs(seed: int = 555):
@@ -188,10 +209,8 @@ def _fmt(v: float) -> str:
 def run_chunk(args, data, gen_pairs) -> None:
     from napari_sagegan.engine.checkpoint import Checkpoint
     from napari_sagegan.engine.config import TrainConfig
-    from napari_sagegan.engine.infer.calibrate import calibrate
     from napari_sagegan.engine.infer.segment import Segmenter
     from napari_sagegan.engine.train.segmenter import SegmenterTrainer
-    from napari_sagegan.util.progress import run_to_end
 
     images, labels, sel_i, sel_l, val = data
     st = _state()
@@ -211,6 +230,7 @@ def run_chunk(args, data, gen_pairs) -> None:
         tversky_fp=0.5,
         tversky_fn=0.5,
         scale_jitter=2.0,
+        calibrate=False,  # the campaign calibrates on its own set after each chunk
     )
     t_wall, t_cpu = time.perf_counter(), time.process_time()
     trainer = SegmenterTrainer(
@@ -232,14 +252,10 @@ def run_chunk(args, data, gen_pairs) -> None:
             print(f"  {ev.message} ({(time.perf_counter() - t_wall) / 60:.1f} min)", flush=True)
     steps = trainer.step - steps0
     seg = Segmenter.load(out, device=args.device)
-    cal = calibration_pairs()
-    point = run_to_end(
-        calibrate(seg, list(sel_i) + [i for i, _ in cal], list(sel_l) + [lab for _, lab in cal])
-    )
+    point = recalibrate(seg, list(zip(sel_i, sel_l)))
     print("  " + point.describe(), flush=True)
     ck = Checkpoint.load(out)
-    infer_dict = {**dict(ck.infer or {}), **point.infer_overrides()}
-    seg.checkpoint = {**dict(seg.checkpoint), "infer": infer_dict}
+    infer_dict = dict(seg.checkpoint["infer"])
     infer = seg.default_infer_config()
     v = score(seg, [(i, lab) for _s, i, lab in val], infer)
     g = score(seg, gen_pairs, infer)
@@ -301,10 +317,16 @@ def ship(force: bool = False) -> bool:
 
     if not WEIGHTS.exists():
         raise SystemExit(f"no campaign weights at {WEIGHTS}: run the campaign first")
-    _train, val = emps.load_lso()
+    train, val = emps.load_lso()
+    sel, _rest = split_selection(train)
     scores = {}
+    point = None
     for name, model in (("bundled", "default"), ("campaign", str(WEIGHTS))):
         seg = Segmenter.load(model, device="cpu")
+        if name == "campaign":  # with this code's calibration (the weights are unchanged)
+            point = recalibrate(seg, sel)
+            print("campaign " + point.describe(), flush=True)
+            infer_now = dict(seg.checkpoint["infer"])
         results, infos, secs = run_pipeline(seg, val, "network")
         true_res, _i, _s = run_pipeline(seg, val, "given")
         scores[name] = {
@@ -323,7 +345,7 @@ def ship(force: bool = False) -> bool:
             ck.build(),
             arch=ck.arch,
             train=ck.train,
-            infer=ck.infer,
+            infer=infer_now,
             target_diameter=ck.target_diameter,
             seed=ck.seed,
             epoch=ck.epoch,
@@ -337,11 +359,12 @@ def ship(force: bool = False) -> bool:
             half=True,
             extra={
                 **dict(ck.extra),
+                "calibration": point.to_dict(),
                 "data": "EMPS training split minus the leave-source-out validation articles "
                 f"(Yildirim & Cole 2021, annotations MIT) + {N_GENERATED} generated pairs",
             },
         ).save(PACKAGED)
-    _write_card(scores, otsu, replaced=better or force, ck=ck)
+    _write_card(scores, otsu, replaced=better or force, ck=ck, point=point)
     print(("replaced" if better or force else "kept") + f" {PACKAGED}; wrote {CARD}")
     return better or force
 
@@ -367,7 +390,7 @@ def _curve_table() -> str:
     return "\n".join(lines)
 
 
-def _write_card(scores: dict, otsu: dict, *, replaced: bool, ck) -> None:
+def _write_card(scores: dict, otsu: dict, *, replaced: bool, ck, point) -> None:
     from napari_sagegan.util.files import atomic_write_text
 
     def row(name, m):
@@ -379,7 +402,8 @@ def _write_card(scores: dict, otsu: dict, *, replaced: bool, ck) -> None:
     shipped = "campaign" if replaced else "bundled"
     b, c = scores["bundled"], scores["campaign"]
     size_mb = PACKAGED.stat().st_size / 1e6
-    cal = (ck.extra or {}).get("calibration") or {}
+    cal = point.to_dict()
+    infer = cal
     text = f"""# Model card: the bundled default segmenter
 
 `src/napari_sagegan/models/default.pt` ({size_mb:.1f} MB, float16 weights), used by
@@ -404,8 +428,8 @@ by `python scripts/campaign.py --ship`.
   batch 8 of 128-px patches at the network scale (particles resampled to
   {ck.target_diameter:g} px), zoom jitter x1/2-x2, polarity inversion, focal + Tversky
   0.5 / 0.5 + distance loss; after each chunk the thresholds are calibrated on the
-  selection set so that sizes are unbiased (now: threshold {float((ck.infer or {}).get("threshold", 0.5)):g},
-  seed threshold {float((ck.infer or {}).get("seed_threshold", 0.5)):g}; calibration F1@0.5
+  selection set so that sizes are unbiased (now: threshold {float(infer["threshold"]):g},
+  seed threshold {float(infer["seed_threshold"]):g}; calibration F1@0.5
   {cal.get("f1@0.5", float("nan")):.3f}, size bias {100 * ((cal.get("size_bias") or 1) - 1):+.1f} %).
   {ck.step} optimiser steps in all, on this project's 2-core CPU, one thread, at low priority.
 
