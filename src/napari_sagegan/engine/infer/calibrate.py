@@ -265,7 +265,9 @@ def calibrate(
             ),
         )
         has_dist = segmenter.model.config.dist_head
-        maps.append((np.asarray(m[0], np.float32), np.asarray(m[1], np.float32) if has_dist else None))
+        maps.append(
+            (np.asarray(m[0], np.float32), np.asarray(m[1], np.float32) if has_dist else None)
+        )
         gts.append(gt)
         mins.append(max(1, int(round(config.min_size / factor**2))))
     point = yield from choose_operating_point(
