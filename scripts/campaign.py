@@ -423,7 +423,7 @@ by `python scripts/campaign.py --ship`.
   dispersed, agglomerated and ordered layouts, 6-60 px, noise and uneven illumination;
   half of them with a burned-in scale bar, label, panel letter or SEM data bar labelled
   as background). Ratio EMPS : generated about 305 : {N_GENERATED}.
-* **Recipe:** the campaign (`scripts/campaign.py`): chunks of 15 minutes that resume from
+* **Recipe:** the campaign (`scripts/campaign.py`): chunks of about 15 minutes that resume from
   `campaign/segmenter.pt` (the first from the previous bundled model), Adam lr 5e-4,
   batch 8 of 128-px patches at the network scale (particles resampled to
   {ck.target_diameter:g} px), zoom jitter x1/2-x2, polarity inversion, focal + Tversky
@@ -457,8 +457,9 @@ image's median particle diameter:
 {row("campaign model, true size", c["true"])}
 {row("Otsu + watershed", otsu)}
 
-Shipped: the **{shipped}** model. Speed of the whole pipeline on these images: previous
-{b["mp_s"]:.2f} MP/s, campaign {c["mp_s"]:.2f} MP/s (one process, CPU).
+Command: `python scripts/campaign.py --ship`. Shipped: the **{shipped}** model. Speed of the whole pipeline on these images: previous
+{b["mp_s"]:.2f} MP/s, campaign {c["mp_s"]:.2f} MP/s (one process on the CPU, in the same run; other work shared the 2 cores, so
+compare the two, not the absolute speed: the particle-size ladder costs about 2 s per image).
 
 * **Limits:** a few CPU-hours of training: a starting point to fine-tune on your own
   corrected images (`sagegan train --init default`). EMPS images are crops of published
