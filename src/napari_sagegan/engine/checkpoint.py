@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from napari_sagegan.util.files import atomic_path
+from ..util.files import atomic_path
 
 FORMAT = "napari-sagegan"
 FORMAT_VERSION = 1
@@ -74,7 +74,7 @@ class CheckpointError(ValueError):
 
 
 def _versions() -> dict[str, str]:
-    from napari_sagegan import __version__
+    from .. import __version__
 
     return {"napari_sagegan": str(__version__), "torch": torch.__version__.split("+")[0]}
 
@@ -154,12 +154,12 @@ def target_diameter_of(ckpt: Mapping[str, Any]) -> float | None:
 def _network(kind: str) -> tuple[type, type]:
     """``(config class, module class)`` of the network a checkpoint of ``kind`` holds."""
     if kind == SEGMENTER:
-        from napari_sagegan.engine.config import ArchConfig
-        from napari_sagegan.engine.nets.attention_unet import AttentionUNet
+        from .config import ArchConfig
+        from .nets.attention_unet import AttentionUNet
 
         return ArchConfig, AttentionUNet
     if kind in (GENERATOR, GAN_STATE):
-        from napari_sagegan.engine.nets.generator import GeneratorConfig, StyleUNetGenerator
+        from .nets.generator import GeneratorConfig, StyleUNetGenerator
 
         return GeneratorConfig, StyleUNetGenerator
     raise CheckpointError(

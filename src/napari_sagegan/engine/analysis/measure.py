@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_sagegan.util.units import check_pixel_size
+from ...util.units import check_pixel_size
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd

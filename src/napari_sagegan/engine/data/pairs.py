@@ -246,7 +246,7 @@ class TrainingPairs:
 def _to_scale(
     images: Sequence[Any], labels: Sequence[Any], target: float
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    from napari_sagegan.engine.infer.scale import (
+    from ..infer.scale import (
         estimate_diameter,
         median_diameter,
         rescale_pair,

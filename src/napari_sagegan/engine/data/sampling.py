@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from napari_sagegan.engine.data.augment import augment_sample
-from napari_sagegan.engine.data.intensity import normalize
-from napari_sagegan.engine.data.pairs import instance_targets
+from .augment import augment_sample
+from .intensity import normalize
+from .pairs import instance_targets
 
 if TYPE_CHECKING:
     import torch

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_sagegan.util.progress import Progress
+from ...util.progress import Progress
 
 #: Assumed diameters of the ladder (pixels of the image).
 LADDER: tuple[float, ...] = tuple(round(6.0 * 2 ** (k / 2), 2) for k in range(13))

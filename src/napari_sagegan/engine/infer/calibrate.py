@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from napari_sagegan.engine.analysis.metrics import match_instances, size_ratios
-from napari_sagegan.engine.infer.postprocess import instances_from_maps
-from napari_sagegan.util.progress import Progress
+from ...util.progress import Progress
+from ..analysis.metrics import match_instances, size_ratios
+from .postprocess import instances_from_maps
 
 #: Probability thresholds tried.
 THRESHOLDS: tuple[float, ...] = (
@@ -239,8 +239,8 @@ def calibrate(
 
     Yields ``Progress(stage="calibrate-maps")`` per image, then the grid's events.
     """
-    from napari_sagegan.engine.infer.scale import median_diameter, scale_factor
-    from napari_sagegan.util.progress import relay
+    from ...util.progress import relay
+    from .scale import median_diameter, scale_factor
 
     if len(images) != len(labels) or not images:
         raise ValueError(

@@ -66,7 +66,7 @@ class ScaleInfo:
     @property
     def uncertain(self) -> bool:
         """True when the size was estimated with a low confidence (check it, or give it)."""
-        from napari_sagegan.engine.infer.autoscale import LOW_CONFIDENCE
+        from .autoscale import LOW_CONFIDENCE
 
         return (
             self.source in ("estimate", "network")

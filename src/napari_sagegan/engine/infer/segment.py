@@ -24,26 +24,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from napari_sagegan.engine.checkpoint import load_segmenter
-from napari_sagegan.engine.config import InferConfig
-from napari_sagegan.engine.device import describe_device, resolve_device
-from napari_sagegan.engine.infer.annotations import exclude as exclude_annotations
-from napari_sagegan.engine.infer.annotations import find_annotations
-from napari_sagegan.engine.infer.autoscale import LADDER, MIN_COUNT, search_scale
-from napari_sagegan.engine.infer.postprocess import instances_from_maps
-from napari_sagegan.engine.infer.scale import (
+from ...util.progress import Progress, relay, run_to_end
+from ..checkpoint import load_segmenter
+from ..config import InferConfig
+from ..device import describe_device, resolve_device
+from ..nets.attention_unet import (
+    AttentionUNet,
+    fuse_batchnorm,
+    maps_from_logits,
+)
+from .annotations import exclude as exclude_annotations
+from .annotations import find_annotations
+from .autoscale import LADDER, MIN_COUNT, search_scale
+from .postprocess import instances_from_maps
+from .scale import (
     ScaleInfo,
     estimate_diameter,
     median_diameter,
     scale_factor,
 )
-from napari_sagegan.engine.infer.tiling import n_tiles, predict_tiled
-from napari_sagegan.engine.nets.attention_unet import (
-    AttentionUNet,
-    fuse_batchnorm,
-    maps_from_logits,
-)
-from napari_sagegan.util.progress import Progress, relay, run_to_end
+from .tiling import n_tiles, predict_tiled
 
 #: Above this many pixels per slice the probability maps are kept as float16.
 _HALF_MAPS_PIXELS = 16_000_000
@@ -189,7 +189,7 @@ class Segmenter:
     def target_diameter(self) -> float | None:
         """Particle diameter (pixels) the network was trained to see; ``None``: the model
         was trained at its images' own scale and images are used as they are."""
-        from napari_sagegan.engine.checkpoint import target_diameter_of
+        from ..checkpoint import target_diameter_of
 
         return target_diameter_of(self.checkpoint)
 
@@ -272,9 +272,7 @@ class Segmenter:
             return lab
 
         found = yield from relay(
-            search_scale(
-                crop_labels, ref, target, guess=info.diameter, min_size=config.min_size
-            ),
+            search_scale(crop_labels, ref, target, guess=info.diameter, min_size=config.min_size),
             report,
         )
         if found.diameter is None:  # the network found nothing anywhere: the first guess
@@ -465,8 +463,10 @@ class Segmenter:
             info = yield from self._search(ref, config, info, report_scale)
             state["done"] = rungs
             state["total"] = rungs + self._tiles(yx, config, info.factor) * len(slices)
-        if info.source in ("network", "estimate") and info.diameter is not None and (
-            config.scale_search or config.refine_scale
+        if (
+            info.source in ("network", "estimate")
+            and info.diameter is not None
+            and (config.scale_search or config.refine_scale)
         ):
             # the full pass checks the size: retry elsewhere when it disagrees
             tries = [info] + [
@@ -519,7 +519,9 @@ class Segmenter:
                 first = None
             else:
                 plane = image if z is None else image[z]
-                lab, maps, ex = yield from self._plane(plane, config, info, with_attention, report(z))
+                lab, maps, ex = yield from self._plane(
+                    plane, config, info, with_attention, report(z)
+                )
                 state["done"] += self._tiles(yx, config, info.factor)
             for item in ex:
                 excluded.append(item if z is None else {**item, "slice": int(z)})

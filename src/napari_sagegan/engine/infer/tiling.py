@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from napari_sagegan.util.progress import EtaClock, Progress, run_to_end
+from ...util.progress import EtaClock, Progress, run_to_end
 
 #: Standard deviation of the blending window, as a fraction of the tile side.
 SIGMA_FRACTION = 0.125
@@ -175,7 +175,7 @@ def _pad_to(strip: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def _resolve_range(image: Any, value_range: tuple[float, float] | None) -> tuple[float, float]:
     if value_range is None:
-        from napari_sagegan.engine.data.intensity import robust_range
+        from ..data.intensity import robust_range
 
         lo, hi = robust_range(image)
     else:
@@ -255,7 +255,7 @@ def _iter_tile_inputs(
 
     Only one normalised strip ``(th, Xp)`` is held at a time.
     """
-    from napari_sagegan.engine.data.intensity import apply_range
+    from ..data.intensity import apply_range
 
     th, tw = tile_hw
     strip_y = None

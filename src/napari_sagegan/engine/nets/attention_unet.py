@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_sagegan.engine.config import ArchConfig
+from ..config import ArchConfig
 
 
 class ConvBlock(nn.Sequential):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from napari_sagegan.engine.config import _Config
+from ..config import _Config
 
 
 @dataclass(frozen=True)

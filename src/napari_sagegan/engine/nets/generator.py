@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_sagegan.engine.config import _Config
+from ..config import _Config
 
 
 @dataclass(frozen=True)

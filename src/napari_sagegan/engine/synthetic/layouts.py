@@ -25,13 +25,13 @@ from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 from skimage.segmentation import relabel_sequential
 
-from napari_sagegan.engine.synthetic.render import (
+from ...util.progress import Progress
+from .render import (
     LATTICE_SPACING,
     _ellipses,
     _lattice_layout,
     _rasterize,
 )
-from napari_sagegan.util.progress import Progress
 
 LAYOUTS = ("real", "paste", "lattice", "hex", "square")
 
@@ -341,8 +341,8 @@ def synthesize_pairs(
     """
     import torch
 
-    from napari_sagegan.engine.device import resolve_device
-    from napari_sagegan.engine.nets.generator import pad_to_multiple
+    from ..device import resolve_device
+    from ..nets.generator import pad_to_multiple
 
     dev = resolve_device(device)
     generator = generator.to(dev).eval()

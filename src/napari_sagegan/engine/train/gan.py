@@ -60,30 +60,30 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from napari_sagegan.engine.checkpoint import (
+from ...util.progress import Progress
+from ..checkpoint import (
     GAN_STATE,
     GENERATOR,
     SEGMENTER,
     Checkpoint,
     state_on_cpu,
 )
-from napari_sagegan.engine.config import GanConfig, InferConfig
-from napari_sagegan.engine.data.augment import GEOMETRIC
-from napari_sagegan.engine.data.intensity import normalize
-from napari_sagegan.engine.data.sampling import PatchSampler
-from napari_sagegan.engine.nets.attention_unet import AttentionUNet
-from napari_sagegan.engine.nets.discriminator import DiscriminatorConfig, PatchDiscriminator
-from napari_sagegan.engine.nets.generator import GeneratorConfig, StyleUNetGenerator
-from napari_sagegan.engine.train.diffaug import diff_augment
-from napari_sagegan.engine.train.loop import Fit, validate_segmenter
-from napari_sagegan.engine.train.losses import (
+from ..config import GanConfig, InferConfig
+from ..data.augment import GEOMETRIC
+from ..data.intensity import normalize
+from ..data.sampling import PatchSampler
+from ..nets.attention_unet import AttentionUNet
+from ..nets.discriminator import DiscriminatorConfig, PatchDiscriminator
+from ..nets.generator import GeneratorConfig, StyleUNetGenerator
+from .diffaug import diff_augment
+from .loop import Fit, validate_segmenter
+from .losses import (
     ms_ssim_loss,
     mse_to,
     segmentation_loss,
     set_requires_grad,
     ssim_index,
 )
-from napari_sagegan.util.progress import Progress
 
 
 @dataclass
@@ -214,7 +214,7 @@ class GanTrainer(Fit):
         self.aug_gen = torch.Generator().manual_seed(cfg.train.seed)
         self._rng = np.random.default_rng(cfg.train.seed)
 
-        from napari_sagegan.engine.synthetic.layouts import fit_stats
+        from ..synthetic.layouts import fit_stats
 
         self.mask_stats = fit_stats(self.train_labels)
         self._val_pairs = self._generator_val_pairs()

@@ -32,11 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from napari_sagegan.engine.analysis.metrics import evaluate_pair, mean_metrics
-from napari_sagegan.engine.config import InferConfig, TrainConfig
-from napari_sagegan.engine.data.pairs import TrainingPairs, prepare_pairs
-from napari_sagegan.engine.device import describe_device, resolve_device
-from napari_sagegan.util.progress import Progress, run_to_end
+from ...util.progress import Progress, run_to_end
+from ..analysis.metrics import evaluate_pair, mean_metrics
+from ..config import InferConfig, TrainConfig
+from ..data.pairs import TrainingPairs, prepare_pairs
+from ..device import describe_device, resolve_device
 
 
 def seed_everything(seed: int) -> None:
@@ -57,9 +57,9 @@ def validate_segmenter(
     """Segment ``images`` with ``model`` (tiled, as at inference) and score them against
     ``labels``: the mean of :func:`~napari_sagegan.engine.analysis.metrics.evaluate_pair`
     (``dice``, ``f1@0.5``, ...); ``{}`` without images. The model is left in train mode."""
-    from napari_sagegan.engine.infer.postprocess import instances_from_maps
-    from napari_sagegan.engine.infer.tiling import predict_tiled
-    from napari_sagegan.engine.nets.attention_unet import maps_from_logits
+    from ..infer.postprocess import instances_from_maps
+    from ..infer.tiling import predict_tiled
+    from ..nets.attention_unet import maps_from_logits
 
     if not images:
         return {}

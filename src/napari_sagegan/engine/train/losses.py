@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from napari_sagegan.engine.config import TrainConfig
+from ..config import TrainConfig
 
 _EPS = 1.0
 

@@ -25,14 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from napari_sagegan.engine.checkpoint import SEGMENTER, Checkpoint, state_on_cpu
-from napari_sagegan.engine.config import ArchConfig, InferConfig, TrainConfig
-from napari_sagegan.engine.data.augment import AUGMENTATIONS
-from napari_sagegan.engine.data.sampling import PatchSampler
-from napari_sagegan.engine.nets.attention_unet import AttentionUNet
-from napari_sagegan.engine.train.loop import Fit, validate_segmenter
-from napari_sagegan.engine.train.losses import segmentation_loss
-from napari_sagegan.util.progress import Progress, relay
+from ...util.progress import Progress, relay
+from ..checkpoint import SEGMENTER, Checkpoint, state_on_cpu
+from ..config import ArchConfig, InferConfig, TrainConfig
+from ..data.augment import AUGMENTATIONS
+from ..data.sampling import PatchSampler
+from ..nets.attention_unet import AttentionUNet
+from .loop import Fit, validate_segmenter
+from .losses import segmentation_loss
 
 
 @dataclass
@@ -260,8 +260,8 @@ class SegmenterTrainer(Fit):
         in the checkpoint's ``infer`` settings (engine/infer/calibrate.py)."""
         if not (self.config.calibrate and self.val_images and self.best_metrics):
             return
-        from napari_sagegan.engine.infer.calibrate import calibrate
-        from napari_sagegan.engine.infer.segment import Segmenter
+        from ..infer.calibrate import calibrate
+        from ..infer.segment import Segmenter
 
         seg = Segmenter(
             self.best_model(),
