@@ -206,6 +206,26 @@ def _fmt(v: float) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
 
+def save_weights(ck, path: Path, *, infer: dict, step: int, metrics: dict, extra: dict) -> None:
+    """Write the weights of checkpoint ``ck`` in float16 to ``path`` (atomically) with new
+    inference settings, step count, metrics and extra entries."""
+    from napari_sagegan.engine.checkpoint import Checkpoint
+
+    Checkpoint.from_model(
+        ck.build(),
+        arch=ck.arch,
+        train=ck.train,
+        infer=infer,
+        target_diameter=ck.target_diameter,
+        seed=ck.seed,
+        epoch=ck.epoch,
+        step=step,
+        metrics=metrics,
+        half=True,
+        extra=extra,
+    ).save(path)
+
+
 def run_chunk(args, data, gen_pairs) -> None:
     from napari_sagegan.engine.checkpoint import Checkpoint
     from napari_sagegan.engine.config import TrainConfig
@@ -262,14 +282,10 @@ def run_chunk(args, data, gen_pairs) -> None:
     cpu_h = (time.process_time() - t_cpu) / 3600
     wall_h = (time.perf_counter() - t_wall) / 3600
     STATE.mkdir(parents=True, exist_ok=True)
-    Checkpoint.from_model(
-        ck.build(),
-        arch=ck.arch,
-        train=ck.train,
+    save_weights(
+        ck,
+        WEIGHTS,
         infer=infer_dict,
-        target_diameter=ck.target_diameter,
-        seed=ck.seed,
-        epoch=ck.epoch,
         step=st["steps"] + steps,
         metrics={
             "selection_f1@0.5": point.f1,
@@ -277,9 +293,8 @@ def run_chunk(args, data, gen_pairs) -> None:
             "lso_dice_true_size": v["dice"],
             "lso_size_bias_true_size": v["size_bias"],
         },
-        half=True,
         extra={"campaign_chunk": chunk, "calibration": point.to_dict()},
-    ).save(WEIGHTS)
+    )
     row = {
         "chunk": chunk,
         "steps": st["steps"] + steps,
@@ -341,14 +356,10 @@ def ship(force: bool = False) -> bool:
     better = c["f1_mean"] > b["f1_mean"] and c["dice"] >= b["dice"] - 0.01
     ck = Checkpoint.load(WEIGHTS)
     if better or force:
-        Checkpoint.from_model(
-            ck.build(),
-            arch=ck.arch,
-            train=ck.train,
+        save_weights(
+            ck,
+            PACKAGED,
             infer=infer_now,
-            target_diameter=ck.target_diameter,
-            seed=ck.seed,
-            epoch=ck.epoch,
             step=ck.step,
             metrics={
                 **dict(ck.metrics),
@@ -356,14 +367,13 @@ def ship(force: bool = False) -> bool:
                 "lso_dice": c["dice"],
                 "lso_size_bias": c["size_bias"],
             },
-            half=True,
             extra={
                 **dict(ck.extra),
                 "calibration": point.to_dict(),
                 "data": "EMPS training split minus the leave-source-out validation articles "
                 f"(Yildirim & Cole 2021, annotations MIT) + {N_GENERATED} generated pairs",
             },
-        ).save(PACKAGED)
+        )
     _write_card(scores, otsu, replaced=better or force, ck=ck, point=point)
     print(("replaced" if better or force else "kept") + f" {PACKAGED}; wrote {CARD}")
     return better or force
