@@ -174,11 +174,16 @@ def score(seg, pairs, infer=None) -> dict[str, float]:
     }
 
 
+def curve_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a learning-curve CSV (none when it does not exist yet)."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 def _state() -> dict:
-    if not CURVE.exists():
-        return {"chunk": 0, "steps": 0, "cpu_hours": 0.0, "wall_hours": 0.0}
-    with open(CURVE, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = curve_rows(CURVE)
     if not rows:
         return {"chunk": 0, "steps": 0, "cpu_hours": 0.0, "wall_hours": 0.0}
     last = rows[-1]
@@ -190,19 +195,16 @@ def _state() -> dict:
     }
 
 
-def _append_curve(row: dict) -> None:
+def append_curve(path: Path, keys: list[str], row: dict) -> None:
+    """Add ``row`` (the columns ``keys``) to the learning-curve CSV at ``path``, atomically."""
     from napari_sagegan.util.files import atomic_write_text
 
-    rows = []
-    if CURVE.exists():
-        with open(CURVE, newline="") as fh:
-            rows = list(csv.DictReader(fh))
-    rows.append({k: row.get(k, "") for k in CURVE_KEYS})
-    lines = [",".join(CURVE_KEYS)] + [",".join(str(r[k]) for k in CURVE_KEYS) for r in rows]
-    atomic_write_text(CURVE, "\n".join(lines) + "\n")
+    rows = curve_rows(path) + [{k: row.get(k, "") for k in keys}]
+    lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def _fmt(v: float) -> str:
+def fmt(v: float) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
 
@@ -303,15 +305,15 @@ def run_chunk(args, data, gen_pairs) -> None:
         "device": trainer.device_name.split(" ")[0],
         "threshold": point.threshold,
         "seed_threshold": point.seed_threshold,
-        "sel_f1": _fmt(point.f1),
-        "val_f1": _fmt(v["f1"]),
-        "val_dice": _fmt(v["dice"]),
-        "val_size_bias": _fmt(v["size_bias"]),
-        "gen_f1": _fmt(g["f1"]),
-        "gen_size_bias": _fmt(g["size_bias"]),
+        "sel_f1": fmt(point.f1),
+        "val_f1": fmt(v["f1"]),
+        "val_dice": fmt(v["dice"]),
+        "val_size_bias": fmt(v["size_bias"]),
+        "gen_f1": fmt(g["f1"]),
+        "gen_size_bias": fmt(g["size_bias"]),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
-    _append_curve(row)
+    append_curve(CURVE, CURVE_KEYS, row)
     print(f"  chunk {chunk} done: {json.dumps(row)}", flush=True)
 
 
@@ -380,10 +382,9 @@ def ship(force: bool = False) -> bool:
 
 
 def _curve_table() -> str:
-    if not CURVE.exists():
+    rows = curve_rows(CURVE)
+    if not rows:
         return "(no chunk yet)"
-    with open(CURVE, newline="") as fh:
-        rows = list(csv.DictReader(fh))
     head = "| chunk | optimiser steps | CPU-hours | threshold / seed | selection F1@0.5 | LSO F1@0.5 (pooled) | LSO Dice | LSO size bias | generated F1@0.5 (pooled) | generated size bias |"
     lines = [head, "|" + "---|" * 10]
     for r in rows:
@@ -476,6 +477,10 @@ compare the two, not the absolute speed: the particle-size ladder costs about 2 
   figures; micrographs from other microscopes, very small particles (a few pixels across)
   and HAADF-STEM are under-represented. The campaign continues: see the curve.
 """
+    old = CARD.read_text() if CARD.exists() else ""
+    begin = "<!-- generator card:"  # scripts/campaign_generator.py's section stays
+    if begin in old:
+        text = text.rstrip() + "\n\n" + begin + old.split(begin, 1)[1]
     atomic_write_text(CARD, text)
 
 
