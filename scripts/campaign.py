@@ -264,6 +264,7 @@ def run_chunk(args, data, gen_pairs) -> None:
         device=args.device,
         val_images=sel_i,
         val_labels=sel_l,
+        overwrite=True,  # the chunk's work file is replaced by every chunk
     )
     steps0 = trainer.step
     print(

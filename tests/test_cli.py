@@ -303,8 +303,9 @@ def test_segment_report(trained):
         assert set(entry) == {
             "file", "diameter_px", "diameter_source", "confidence", "resample_factor",
             "threshold", "seed_threshold", "n_particles", "pixel_size_nm",
-            "pixel_size_source", "excluded",
+            "pixel_size_source", "excluded", "nonfinite_pixels",
         }  # fmt: skip
+        assert entry["nonfinite_pixels"] == 0  # PNGs: integers, never NaN
         assert entry["diameter_px"] == 14.0 and entry["diameter_source"] == "given"
         assert entry["resample_factor"] == pytest.approx(32 / 14)
         assert entry["confidence"] is None or isinstance(entry["confidence"], float)

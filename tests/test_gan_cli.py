@@ -47,6 +47,7 @@ def _tiny_seg(path):
 AUG_FAST = [
     "--max-minutes", "0.05", "--epochs", "2", "--steps-per-epoch", "1",
     "--patch-size", "32", "--gen-channels", "4", "--seed", "1", "--device", "cpu",
+    "--init-generator", "none",
 ]  # fmt: skip
 
 
@@ -135,3 +136,85 @@ def test_bad_input_gives_clear_errors_and_no_output(augmented, tmp_path, capsys)
     rc = main(["generate", "--generator", str(out / "generator.pt"), "--out", str(out),
                "--n", "1"])  # fmt: skip
     assert rc == 2 and "not empty" in capsys.readouterr().err
+
+
+def test_augment_into_a_folder_that_is_not_empty_needs_overwrite(augmented, tmp_path, capsys):
+    import shutil
+
+    root, masks, out = augmented
+    dest = tmp_path / "again"
+    shutil.copytree(out, dest)
+    (dest / "notes.txt").write_text("mine")
+    before = sorted(p.relative_to(dest) for p in dest.rglob("*"))
+    args = ["augment", "--images", str(root / "images"), "--masks", str(masks), "--seg",
+            str(root / "seg.pt"), "--out", str(dest), "--n", "1", *AUG_FAST]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--overwrite" in err
+    assert sorted(p.relative_to(dest) for p in dest.rglob("*")) == before
+    assert main([*args, "--overwrite"]) == 0
+    # the four outputs replaced as a whole (one pair now, not three); the user's file stays
+    assert sorted(p.name for p in (dest / "images").iterdir()) == ["synth_0001.tif"]
+    assert sorted(p.name for p in (dest / "masks").iterdir()) == ["synth_0001.tif"]
+    assert (dest / "notes.txt").read_text() == "mine"
+    assert Checkpoint.load(dest / "segmenter.pt").kind == "segmenter"
+    assert not any(p.name.startswith(".sagegan") for p in dest.iterdir())
+
+
+def _bundle(monkeypatch, generator_file):
+    """Make ``generator_file`` this installation's bundled generator (None: there is none)."""
+    from napari_sagegan.engine import checkpoint
+
+    real = checkpoint.default_model_path
+
+    def fake(kind=checkpoint.SEGMENTER):
+        if kind == checkpoint.GENERATOR:
+            return generator_file if generator_file is not None else real(kind).with_name("no.pt")
+        return real(kind)
+
+    monkeypatch.setattr(checkpoint, "default_model_path", fake)
+
+
+def test_bundled_generator_starts_phase_2_and_generates(augmented, tmp_path, monkeypatch):
+    """``--init-generator default`` (the default) starts G from the bundled generator's
+    weights; ``generate --generator default`` draws pairs with no training."""
+    from napari_sagegan import api
+
+    root, _masks, out = augmented
+    bundled = Checkpoint.load(out / "generator.pt", kind="generator")
+    _bundle(monkeypatch, out / "generator.pt")
+    b = tmp_path / "gen"
+    assert main(["generate", "--generator", "default", "--out", str(b), "--n", "1",
+                 "--size", "64", "--device", "cpu"]) == 0  # fmt: skip
+    assert len(list((b / "images").iterdir())) == 1
+    gen = api.augment(folder=(root / "images", root / "masks"), seg=root / "seg.pt",
+                      device="cpu")  # fmt: skip
+    for ev in gen:
+        if ev.stage == "prepare" and ev.step == 1:
+            trainer = ev.data["trainer"]
+            break
+    gen.close()
+    assert "from the bundled generator" in ev.message
+    assert trainer.gen_config.base_channels == bundled.arch["base_channels"]
+    for k, v in bundled.state_dict.items():
+        assert torch.equal(trainer.G.state_dict()[k].cpu(), v.float())
+
+
+def test_without_a_bundled_generator(augmented, tmp_path, monkeypatch, capsys):
+    """No bundled generator: ``generate --generator default`` says so (exit 2) and phase 2
+    starts from random weights, saying so."""
+    from napari_sagegan import api
+
+    root, _masks, _out = augmented
+    _bundle(monkeypatch, None)
+    assert main(["generate", "--generator", "default", "--out", str(tmp_path / "g"),
+                 "--n", "1", "--device", "cpu"]) == 2  # fmt: skip
+    assert "bundled generator is missing" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
+    gen = api.augment(folder=(root / "images", root / "masks"), seg=root / "seg.pt",
+                      device="cpu")  # fmt: skip
+    for ev in gen:
+        if ev.stage == "prepare" and ev.step == 1:
+            break
+    gen.close()
+    assert "from a random generator" in ev.message

@@ -13,10 +13,33 @@ from typing import Any
 import numpy as np
 
 from napari_sagegan.io.pixel_size import PixelSize, resolve_pixel_size
-from napari_sagegan.util.files import new_file
+from napari_sagegan.util.files import new_file, refuse_overwriting_inputs
 from napari_sagegan.util.progress import Progress
+from napari_sagegan.util.units import PIXEL_SIZE_RANGE_NM
 
 PathLike = str | os.PathLike
+
+
+def _plausible(ps: PixelSize, name: str | None = None) -> PixelSize:
+    """``ps``, refused when known but outside :data:`PIXEL_SIZE_RANGE_NM`."""
+    lo, hi = PIXEL_SIZE_RANGE_NM
+    if ps.known and not lo <= ps.nm <= hi:
+        raise ValueError(
+            f"{name + ': ' if name else ''}the pixel size {ps.nm:g} nm (from {ps.describe()}) "
+            f"is not plausible; expected {lo:g} to {hi:g} nm per pixel: give the pixel size in "
+            "nm (--pixel-size NM)"
+        )
+    return ps
+
+
+def _text(name: str) -> str:
+    """A file name as text any file can hold: bytes that are not UTF-8 (a name from another
+    system) as ``\\xNN`` escapes, so that a CSV cell never fails to encode."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _paths(items: Sequence[Any]) -> list[Path]:
+    return [Path(i).expanduser() for i in items if isinstance(i, (str, os.PathLike))]
 
 
 # --------------------------------------------------------------------------- measure
@@ -42,6 +65,7 @@ def measure(
     names: Sequence[str] | None = None,
     include_border: bool = False,
     out: PathLike | None = None,
+    channel: int | None = None,
 ) -> Generator[Progress, None, Measured]:
     """Measure every particle of one or more label images (size, shape, order, g(r)).
 
@@ -58,6 +82,9 @@ def measure(
         Names of in-memory label images (the table's ``file`` column).
     out : path, optional
         ``FILE.csv`` (one row per particle) and ``FILE.summary.json``, written atomically.
+    channel : int, optional
+        The channel of multi-channel micrograph files (see
+        :func:`~napari_sagegan.io.images.read_image`).
 
     Yields
     ------
@@ -78,7 +105,7 @@ def measure(
     from napari_sagegan.io.images import read_label_image
     from napari_sagegan.io.tables import TOOL, file_record, write_table
 
-    resolve_pixel_size(override=pixel_size)  # refuse a bad value first
+    _plausible(resolve_pixel_size(override=pixel_size))  # refuse a bad value first
     if isinstance(labels, (str, os.PathLike, np.ndarray)):
         labels = [labels]
     labels = list(labels)
@@ -89,17 +116,20 @@ def measure(
             "micrograph per label image (--image), in the same order, or none"
         )
     if out is not None:
+        from napari_sagegan.io.tables import summary_path
+
         out = new_file(out, example="particles.csv")
+        refuse_overwriting_inputs([out, summary_path(out)], _paths(labels) + _paths(images))
     records, tables, done, sizes, units = [], [], [], [], set()
     for k, item in enumerate(labels):
         path = Path(item).expanduser() if isinstance(item, (str, os.PathLike)) else None
-        name = path.name if path is not None else (names[k] if names else f"labels {k + 1}")
+        name = _text(path.name) if path is not None else (names[k] if names else f"labels {k + 1}")
         lab = read_label_image(path) if path is not None else np.asarray(item)
         img_item = images[k] if images else None
         image, image_ps, ipath = None, None, None
         if isinstance(img_item, (str, os.PathLike)):
             ipath = Path(img_item).expanduser()
-            image, meta = read_em(ipath)
+            image, meta = read_em(ipath, channel=channel)
             image_ps = PixelSize.from_meta(meta, ipath.name)
         elif img_item is not None:
             image = np.asarray(img_item)
@@ -108,7 +138,7 @@ def measure(
                 f"{ipath.name if ipath else 'the image'} has shape {image.shape} but {name} has "
                 f"shape {lab.shape}; a label image must match its micrograph pixel for pixel"
             )
-        ps = resolve_pixel_size(path, image_ps, override=pixel_size)
+        ps = _plausible(resolve_pixel_size(path, image_ps, override=pixel_size), name)
         yield Progress(
             "pixel_size", k, len(labels), data={"file": name, "pixel_size": ps},
             message=f"{name}: pixel size {ps.nm:.6g} nm (from {ps.describe()})" if ps.known
@@ -181,8 +211,12 @@ def evaluate(
     from napari_sagegan.engine.analysis.metrics import evaluate_pair, mean_metrics
     from napari_sagegan.io.images import find_pairs, read_labels
 
+    if out is not None:
+        out = new_file(out, example="metrics.json", flag="--json")
     if isinstance(pred, (str, os.PathLike)):
         files = find_pairs(pred, gt)
+        if out is not None:
+            refuse_overwriting_inputs([out], [f for pair in files for f in pair], what="--json")
         items = [(p.stem, p.name, g.name, lambda p=p, g=g: (read_labels(p), read_labels(g)))
                  for p, g in files]  # fmt: skip
     else:

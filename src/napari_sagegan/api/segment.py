@@ -29,6 +29,20 @@ from napari_sagegan.util.units import nm_to_px
 PathLike = str | os.PathLike
 #: ``segment_report.json`` identification.
 REPORT_FORMAT, REPORT_VERSION, REPORT_NAME = "sagegan-segment-report", 1, "segment_report.json"
+
+
+def output_names(stems: Any, csv: bool = False) -> list[str]:
+    """The files :func:`segment` writes into ``out`` for inputs of these stems (file names
+    without their extension): ``<stem>.tif``, with ``csv`` ``<stem>.csv`` and
+    ``<stem>.summary.json``, and :data:`REPORT_NAME`."""
+    names = [REPORT_NAME]
+    for stem in stems:
+        names.append(f"{stem}.tif")
+        if csv:
+            names += [f"{stem}.csv", f"{stem}.summary.json"]
+    return names
+
+
 _DIAMETER_SOURCES = {"user": "given", "estimate": "estimated", "network": "estimated"}
 
 
@@ -86,9 +100,12 @@ def particle_diameter(
     return max(1.0, nm_to_px(diameter_nm, pixel_size.nm))
 
 
-def _micrographs(images: Any, pixel_size: float | PixelSize | None) -> list[Micrograph]:
+def _micrographs(
+    images: Any, pixel_size: float | PixelSize | None, channel: int | None = None
+) -> list[Micrograph]:
     """Files, folders, arrays and :class:`Micrograph` s as a list of Micrographs (files not
-    read yet, their TIFF headers checked); ``pixel_size`` overrides every one."""
+    read yet, their headers checked: declared size, channels); ``pixel_size`` overrides
+    every one."""
     from napari_sagegan.io.em import EM_SUFFIXES
     from napari_sagegan.io.images import IMAGE_SUFFIXES, list_images, probe_image
 
@@ -101,7 +118,7 @@ def _micrographs(images: Any, pixel_size: float | PixelSize | None) -> list[Micr
         elif isinstance(item, (str, os.PathLike)):
             for f in list_images([item], IMAGE_SUFFIXES + EM_SUFFIXES):
                 if f.suffix.lower() not in EM_SUFFIXES:  # EM readers have no header-only mode
-                    probe_image(f)
+                    probe_image(f, channel=channel)
                 out.append(Micrograph(f.name, None, PixelSize(None), f))
         else:
             out.append(Micrograph(f"image {i + 1}", item))
@@ -114,18 +131,50 @@ def _micrographs(images: Any, pixel_size: float | PixelSize | None) -> list[Micr
     return out
 
 
-def _read(m: Micrograph) -> Any:
+def _read(m: Micrograph, channel: int | None = None) -> Any:
+    """The image of ``m`` (its file read now, ``channel`` taken from a multi-channel one);
+    refused, naming it, when none of its pixels is finite."""
     from napari_sagegan.io.em import EM_SUFFIXES, read_em
     from napari_sagegan.io.images import read_image
 
     if m.data is not None:
+        with _named(m.name):
+            from napari_sagegan.engine.infer.segment import reference_slice
+
+            reference_slice(m.data)  # a finite pixel somewhere, else refused with its name
         return m.data
     if m.path.suffix.lower() in EM_SUFFIXES:
-        data, meta = read_em(m.path)
+        data, meta = read_em(m.path, channel=channel)
         if not m.pixel_size.known:
             m.pixel_size = PixelSize.from_meta(meta, m.path.name)
         return data
-    return read_image(m.path)
+    return read_image(m.path, channel=channel)
+
+
+@contextlib.contextmanager
+def _named(name: str):
+    """Put the image's name into the engine's "holds no finite value" refusal."""
+    from napari_sagegan.engine.data.intensity import NoFiniteValue
+
+    try:
+        yield
+    except NoFiniteValue:
+        raise NoFiniteValue(name) from None
+
+
+def describe_nonfinite(name: str, n: int, total: int) -> str:
+    """``"12 340 pixels (1.2 %) of X were not finite (NaN/inf); treated as missing"``, or
+    ``""`` when ``n`` is 0."""
+    if not n:
+        return ""
+    share = 100.0 * n / max(total, 1)
+    count = f"{n:,}".replace(",", " ")
+    pixels = "pixel" if n == 1 else "pixels"
+    verb = "was" if n == 1 else "were"
+    return (
+        f"{count} {pixels} ({share:.2g} %) of {name} {verb} not finite (NaN/inf); treated as "
+        "missing (background in the labels)"
+    )
 
 
 def _segmenter(model: Any, device: str):
@@ -173,6 +222,8 @@ class Segmented:
         For an image without a pixel size on which a scale bar was found: the bar's length
         and, when its label was read, the pixel size it proposes (for the user to confirm;
         never applied).
+    n_pixels : int
+        Pixels of the image (every slice of a stack).
     """
 
     name: str
@@ -186,6 +237,7 @@ class Segmented:
     path: Path | None = None
     extra: Any = None
     scale_bar: Any = None
+    n_pixels: int = 0
 
     @property
     def excluded(self) -> list[dict[str, Any]]:
@@ -195,6 +247,21 @@ class Segmented:
     def describe_excluded(self) -> str:
         """One line naming the annotations left out (``""`` when none)."""
         return describe_annotations(self.excluded)
+
+    @property
+    def nonfinite(self) -> int:
+        """Pixels that were NaN or infinite: missing, background in :attr:`labels`."""
+        return int(getattr(self.extra, "nonfinite", 0) or 0)
+
+    def describe_nonfinite(self) -> str:
+        """One line saying how many pixels were not finite (``""`` when none)."""
+        return describe_nonfinite(self.name, self.nonfinite, self.n_pixels)
+
+    @property
+    def confidence(self) -> np.ndarray | None:
+        """Per-particle confidence in [0, 1] indexed by label (``confidence[label]``), see
+        :mod:`napari_sagegan.engine.infer.confidence`; ``None`` when not computed."""
+        return getattr(self.extra, "confidence", None)
 
     def report(self) -> dict[str, Any]:
         """This image's entry of ``segment_report.json``."""
@@ -216,6 +283,7 @@ class Segmented:
             "pixel_size_nm": self.pixel_size.nm,
             "pixel_size_source": self.pixel_size.source if self.pixel_size.known else None,
             "excluded": excluded,
+            "nonfinite_pixels": self.nonfinite,
         }
 
 
@@ -265,6 +333,7 @@ def segment(
     out: PathLike | None = None,
     csv: bool = False,
     keep_labels: bool = True,
+    channel: int | None = None,
 ) -> Generator[Progress, None, list[Segmented]]:
     """Segment micrographs into instance labels.
 
@@ -291,9 +360,20 @@ def segment(
         Also return the attention map.
     out : path, optional
         Folder to write ``<stem>.tif`` (labels, calibrated when the pixel size is known),
-        with ``csv`` ``<stem>.csv`` + ``<stem>.summary.json``, and ``segment_report.json``.
+        with ``csv`` ``<stem>.csv`` (the particle table of
+        :func:`napari_sagegan.engine.analysis.measure.measure` plus each particle's network
+        ``confidence``) + ``<stem>.summary.json``, and ``segment_report.json``.
     keep_labels : bool
         Keep every image's labels in the result (``False`` with ``out`` saves memory).
+    channel : int, optional
+        The channel to segment in multi-channel files (an ImageJ ``CYX`` hyperstack, a TIFF
+        with several samples per pixel that are not RGB, one of R, G, B); such files are
+        refused without it. Arrays are used as given.
+
+    Non-finite pixels (NaN, +-inf, e.g. the margin left by drift correction) are missing:
+    left out of the normalisation and the particle size, filled for the network and
+    background in the labels; each result counts them (:attr:`Segmented.nonfinite`, the
+    report's ``nonfinite_pixels``). An image with no finite pixel is refused, naming it.
 
     Yields
     ------
@@ -307,9 +387,11 @@ def segment(
     -------
     list of Segmented
     """
-    from napari_sagegan.util.files import new_folder, staged_folder
+    from napari_sagegan.io.layout import check_channel
+    from napari_sagegan.util.files import new_folder, refuse_overwriting_inputs, staged_folder
 
-    items = _micrographs(images, pixel_size)
+    channel = check_channel(channel)
+    items = _micrographs(images, pixel_size, channel)
     if out is not None:
         stems = [Path(m.name).stem for m in items]
         dupes = sorted({s for s in stems if stems.count(s) > 1})
@@ -319,6 +401,12 @@ def segment(
                 "each other: rename them or segment them separately"
             )
         out = new_folder(out)
+        inputs = [m.path for m in items if m.path is not None]
+        if isinstance(model, (str, os.PathLike)):
+            inputs.append(model)  # "default" does not exist as a path: skipped
+        refuse_overwriting_inputs(
+            [out / n for n in output_names(stems, csv)], inputs, folder=out
+        )  # `segment raw/*.tif --out raw` would write the labels over the micrographs
     particle_diameter(diameter, diameter_nm, PixelSize(1.0), "")  # refuse bad values first
     if diameter_nm is not None:
         for m in items:
@@ -345,16 +433,22 @@ def segment(
         return dataclasses.replace(config, diameter=d) if d else config
 
     in_memory = all(m.data is not None for m in items)
-    plans = [seg.plan(m.data, plane_config(m)) for m in items] if in_memory else None
+    plans = None
+    if in_memory:
+        plans = []
+        for m in items:
+            with _named(m.name):
+                plans.append(seg.plan(_read(m), plane_config(m)))
     total = sum(k for _, k in plans) if plans else None
     clock = EtaClock(total)
     results: list[Segmented] = []
     with staged_folder(out) if out is not None else contextlib.nullcontext() as staging:
         done = 0
         for i, m in enumerate(items):
-            data = _read(m)
+            data = _read(m, channel)
             cfg = plane_config(m)
-            info, n_image = plans[i] if plans else seg.plan(data, cfg)
+            with _named(m.name):
+                info, n_image = plans[i] if plans else seg.plan(data, cfg)
 
             def overall(ev: Progress, m=m, i=i, done=done) -> Progress:
                 step = done + ev.step if plans else ev.step
@@ -366,14 +460,16 @@ def segment(
                           "image_total": ev.total, "device": seg.device_name},
                 )  # fmt: skip
 
-            res = yield from relay(
-                seg.segment(data, cfg, with_attention=with_attention, scale=info), overall
-            )
+            with _named(m.name):
+                res = yield from relay(
+                    seg.segment(data, cfg, with_attention=with_attention, scale=info), overall
+                )
             done += n_image
             result = Segmented(
                 m.name, res.labels, int(res.labels.max()), res.scale, m.pixel_size, cfg,
                 res.attention, res.device, m.path, res,
                 _scale_bar(data, m.pixel_size, res.excluded),
+                int(np.prod(np.shape(data))),
             )  # fmt: skip
             if staging is not None:
                 _write_segmented(staging, result, data, csv)
@@ -488,6 +584,7 @@ def estimate_size(
     device: str = "auto",
     pixel_size: float | PixelSize | None = None,
     infer: dict[str, Any] | None = None,
+    channel: int | None = None,
 ) -> Generator[Progress, None, SizeEstimate]:
     """The particle size :func:`segment` would use for one image, without segmenting it.
 
@@ -510,6 +607,8 @@ def estimate_size(
     infer : dict, optional
         :class:`~napari_sagegan.engine.config.InferConfig` fields replacing the model's
         settings (as for :func:`segment`; a ``diameter`` is ignored: this is the estimate).
+    channel : int, optional
+        The channel of a multi-channel file (as for :func:`segment`).
 
     Yields
     ------
@@ -525,7 +624,10 @@ def estimate_size(
     ValueError
         Several images given, or an image that is not 2-D / 3-D grayscale.
     """
-    items = _micrographs(image, pixel_size)
+    from napari_sagegan.io.layout import check_channel
+
+    channel = check_channel(channel)
+    items = _micrographs(image, pixel_size, channel)
     if len(items) != 1:
         raise ValueError(
             f"estimate the particle size of one image at a time, got {len(items)} images"
@@ -539,7 +641,7 @@ def estimate_size(
         "prepare", 0, 1, message=f"estimating the particle size of {m.name} on {seg.device_name}",
         data={"device": seg.device_name},
     )  # fmt: skip
-    data = _read(m)
+    data = _read(m, channel)
 
     def tagged(ev: Progress) -> Progress:
         return Progress(
@@ -547,7 +649,8 @@ def estimate_size(
             {**ev.data, "image": m.name, "device": seg.device_name},
         )  # fmt: skip
 
-    info = yield from relay(seg.estimate_scale(data, config), tagged)
+    with _named(m.name):
+        info = yield from relay(seg.estimate_scale(data, config), tagged)
     return SizeEstimate(m.name, info, m.pixel_size, _scale_bar(data, m.pixel_size, None),
                         seg.device_name)  # fmt: skip
 
@@ -562,9 +665,11 @@ def _write_segmented(folder: Path, r: Segmented, image: Any, csv: bool) -> None:
     )
     if csv:
         from napari_sagegan.engine.analysis.measure import measure as measure_labels
+        from napari_sagegan.engine.infer.confidence import with_confidence
         from napari_sagegan.io.tables import write_measurements
 
         m = measure_labels(r.labels, np.asarray(image), px)
+        m.table = with_confidence(m.table, r.confidence)  # a last column: the order is kept
         write_measurements(
             folder / f"{stem}.csv", m, pixel_size_source=r.pixel_size.source if px else None
         )

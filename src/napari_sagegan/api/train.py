@@ -22,7 +22,9 @@ PathLike = str | os.PathLike
 # --------------------------------------------------------------------------- training
 
 
-def _training_pairs(pairs: Sequence[Any], folder: Any, advice: str) -> tuple[list, list]:
+def _training_pairs(
+    pairs: Sequence[Any], folder: Any, advice: str, channel: int | None = None
+) -> tuple[list, list]:
     """Pairs given (``Pair`` / objects with ``name, image, labels`` / 3-tuples) plus a
     folder's, checked, as 2-D (images, labels) lists: a stack gives one pair per slice."""
     from napari_sagegan.io.images import read_pairs
@@ -30,7 +32,7 @@ def _training_pairs(pairs: Sequence[Any], folder: Any, advice: str) -> tuple[lis
     items = [p if hasattr(p, "labels") else _AsPair(*p) for p in pairs]
     if folder is not None:
         folder = (folder, None) if isinstance(folder, (str, os.PathLike)) else tuple(folder)
-        items += read_pairs(*folder)
+        items += read_pairs(*folder, channel=channel)
     if not items:
         raise ValueError(f"no training pairs: {advice}")
     images: list[np.ndarray] = []
@@ -46,6 +48,11 @@ def _training_pairs(pairs: Sequence[Any], folder: Any, advice: str) -> tuple[lis
             raise ValueError(
                 f"{p.name}: the labels have shape {lab.shape} but the image has shape "
                 f"{im.shape}; a mask must match its image pixel for pixel"
+            )
+        if np.issubdtype(im.dtype, np.inexact) and not np.isfinite(im).any():
+            raise ValueError(
+                f"{p.name}: the image holds no finite value (every pixel is NaN or infinite); "
+                "remove it from the training set"
             )
         lab = lab.astype(np.int32, copy=False)
         images.extend([im] if im.ndim == 2 else list(im))
@@ -90,7 +97,9 @@ def fine_tune(
     out: PathLike | None = None,
     device: str = "auto",
     fit_patch: bool = False,
+    overwrite: bool = False,
     advice: str = "give a folder of images and a folder of masks named like them",
+    channel: int | None = None,
 ) -> Generator[Progress, None, Trained]:
     """Train a segmenter (phase 1), or fine-tune one, on (image, labels) pairs.
 
@@ -110,11 +119,19 @@ def fine_tune(
     resume : path, optional
         Continue a run from its checkpoint.
     out : path, optional
-        Checkpoint file for the best model (written at every improvement, atomically).
+        Checkpoint file for the best model (written at every improvement, atomically). An
+        existing file must be a segmenter checkpoint (else it is refused before training) and
+        is replaced only by a model that scores better on the same validation images
+        (``Trained.result.kept`` says when it was kept).
     fit_patch : bool
         Shrink patches larger than the smallest image to fit it (:func:`fit_patch_size`).
+    overwrite : bool
+        Replace an existing ``out`` whatever it holds and however the new model scores.
     advice : str
         Completes the error when there is no pair at all.
+    channel : int, optional
+        The channel of multi-channel images in ``folder`` (refused without it); see
+        :func:`~napari_sagegan.io.images.read_image`.
 
     Yields
     ------
@@ -127,7 +144,7 @@ def fine_tune(
     if out is not None:
         out = new_file(out, example="model.pt")
     yield Progress("prepare", 0, None, message="loading the model and the pairs")
-    images, labels = _training_pairs(pairs, folder, advice)
+    images, labels = _training_pairs(pairs, folder, advice, channel)
     config = config or TrainConfig()
     if fit_patch:
         config = config.replace(patch_size=fit_patch_size(config.patch_size, images))
@@ -135,7 +152,7 @@ def fine_tune(
 
     trainer = SegmenterTrainer(
         images, labels, config, arch=preset(arch) if isinstance(arch, str) else arch,
-        init=init, resume=resume, out=out, device=device,
+        init=init, resume=resume, out=out, device=device, overwrite=overwrite,
     )  # fmt: skip
     yield Progress(
         "prepare", 1, None,
@@ -145,11 +162,7 @@ def fine_tune(
         data={"trainer": trainer, "device": trainer.device_name},
     )  # fmt: skip
     result = yield from relay(trainer.run())
-    if out is not None and not out.exists():  # no validation round: write the final model
-        trainer.save(
-            out, state=trainer.best_state, epoch=trainer.start_epoch, metrics=result.best_metrics
-        )
-    return Trained(result, trainer, out)
+    return Trained(result, trainer, result.checkpoint)
 
 
 # --------------------------------------------------------------------------- phase 2
@@ -195,23 +208,30 @@ def augment(
     *,
     folder: Any = None,
     seg: Any = "default",
+    init_generator: Any = "default",
     config: Any = None,
     n: int = 0,
     layout: str = "real",
     out: PathLike | None = None,
     device: str = "auto",
     fit_patch: bool = False,
+    overwrite: bool = False,
     advice: str = "give a folder of images and a folder of masks named like them",
+    channel: int | None = None,
 ) -> Generator[Progress, None, Augmented]:
     """SAGE-GAN phase 2: train the segmenter inside a CycleGAN with a mask -> image
     generator, then draw ``n`` synthetic pairs.
 
     Parameters
     ----------
-    pairs, folder, fit_patch, advice
+    pairs, folder, fit_patch, advice, channel
         As :func:`fine_tune`.
     seg : path, ``"default"`` or Checkpoint
         The phase-1 segmenter to start from.
+    init_generator : path, ``"default"``, Checkpoint or None
+        The generator to start from: ``"default"`` (the default) is the bundled one,
+        pre-trained on many micrographs, when this installation has one (else a random
+        start, and the prepare message says so); ``None``: a random start.
     config : GanConfig, optional
         Budget, schedule and sizes (``GanConfig.short()`` for minutes-long CPU runs).
     n : int
@@ -219,6 +239,9 @@ def augment(
     out : path, optional
         New or empty folder: ``segmenter.pt``, ``generator.pt``, ``images/`` and
         ``masks/`` (``synth_0001.tif``...), moved into place at the end.
+    overwrite : bool
+        Accept an ``out`` that is not empty: those four entries are replaced, all or nothing
+        (a previous run's ``images/`` and ``masks/`` as whole folders); other files stay.
     """
     from napari_sagegan.engine.checkpoint import Checkpoint
     from napari_sagegan.engine.config import GanConfig
@@ -227,22 +250,40 @@ def augment(
     if n < 0:
         raise ValueError(f"the number of synthetic pairs must be 0 or more, got {n}")
     if out is not None:
-        out = new_folder(out, empty=True)
+        out = new_folder(out)
+        if not overwrite and out.is_dir() and any(out.iterdir()):
+            raise ValueError(
+                f"--out {out} is not empty; give a new or empty folder, or pass --overwrite to "
+                "replace the segmenter.pt, generator.pt, images/ and masks/ in it"
+            )
     yield Progress("prepare", 0, None, message="loading the segmenter and the pairs")
-    images, labels = _training_pairs(pairs, folder, advice)
+    images, labels = _training_pairs(pairs, folder, advice, channel)
     base = Checkpoint.load(seg, kind="segmenter")
     config = config or GanConfig.short()
     if fit_patch:
         config = config.replace(patch_size=fit_patch_size(config.train.patch_size, images))
+    from napari_sagegan.engine.checkpoint import GENERATOR, has_bundled
     from napari_sagegan.engine.synthetic.layouts import make_masks
     from napari_sagegan.engine.train.gan import GanTrainer
 
+    if isinstance(init_generator, str) and init_generator == "default":
+        init_generator = "default" if has_bundled(GENERATOR) else None
+    gen_init = Checkpoint.load(init_generator, kind=GENERATOR) if init_generator else None
     with staged_folder(out, prefix=".sagegan-augment-") if out else contextlib.nullcontext() as st:
-        trainer = GanTrainer(images, labels, config, seg=base, out=st, device=device)
+        trainer = GanTrainer(
+            images, labels, config, seg=base, out=st, device=device, init_generator=gen_init
+        )
+        start = (
+            "a random generator"
+            if gen_init is None
+            else "the bundled generator"
+            if init_generator == "default"
+            else f"the generator {gen_init.source}"
+        )
         yield Progress(
             "prepare", 1, None,
             message=f"phase 2 on {len(trainer.train_images)} images, validating on "
-            f"{len(trainer.val_images)}, device {trainer.device_name}",
+            f"{len(trainer.val_images)}, from {start}, device {trainer.device_name}",
             data={"trainer": trainer, "device": trainer.device_name},
         )  # fmt: skip
         result = yield from relay(trainer.run())
@@ -253,8 +294,8 @@ def augment(
             synth = yield from _synthesize(result.generator, masks, seed, device)
         if st is not None:
             (st / "gan_state.pt").unlink(missing_ok=True)
-            if synth:
-                _write_pairs(st, synth)
+            if synth or (overwrite and any((out / d).is_dir() for d in ("images", "masks"))):
+                _write_pairs(st, synth)  # (empty folders replace a previous run's pairs)
     return Augmented(result, trainer, synth, list(trainer.train_labels))
 
 

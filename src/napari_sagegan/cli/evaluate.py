@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from napari_sagegan.cli._common import spare_inputs
 from napari_sagegan.util.progress import run_to_end
 
 KEYS = ["dice", "precision@0.5", "recall@0.5", "f1@0.5", "f1@0.5:0.9", "n_pred", "n_gt"]
@@ -26,6 +27,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``sagegan evaluate``; returns the exit status (0)."""
+    spare_inputs([args.pred, args.gt], args.json, flag="--json")
     from napari_sagegan import api
 
     report = run_to_end(api.evaluate(args.pred, args.gt, out=args.json))

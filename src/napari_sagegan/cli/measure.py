@@ -18,6 +18,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from napari_sagegan.cli._common import PIXEL_SIZE_RANGE_NM, check_pixel_size, spare_inputs
 from napari_sagegan.util.progress import run_to_end
 
 
@@ -47,9 +48,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--pixel-size",
         type=float,
         metavar="NM",
-        help="pixel size in nm (overrides what the files say)",
+        help="pixel size in nm, {:g} to {:g} (overrides what the files say)".format(
+            *PIXEL_SIZE_RANGE_NM
+        ),
     )
     p.add_argument("--out", required=True, metavar="FILE.csv", help="particle table to write")
+    p.add_argument(
+        "--channel",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the channel of multi-channel --image files (an ImageJ CYX hyperstack, a TIFF "
+        "with several samples per pixel that are not RGB), 0 for the first",
+    )
     p.add_argument(
         "--include-border",
         action="store_true",
@@ -66,7 +77,11 @@ def run(args: argparse.Namespace) -> int:
     from napari_sagegan.io.tables import summary_path
 
     given = PixelSize(args.pixel_size, "--pixel-size") if args.pixel_size is not None else None
+    check_pixel_size(args.pixel_size)
     out = Path(args.out).expanduser()
+    inputs = [*args.labels, *(args.image or [])]
+    spare_inputs(inputs, out)
+    spare_inputs(inputs, summary_path(out))
     result = run_to_end(
         api.measure(
             args.labels,
@@ -74,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
             pixel_size=given,
             include_border=args.include_border,
             out=out,
+            channel=args.channel,
         ),
         lambda ev: print(ev.message),
     )

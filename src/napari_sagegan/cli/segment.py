@@ -3,10 +3,13 @@
 Writes ``OUT/<stem>.tif`` per input (calibrated when the pixel size is known), with
 ``--csv`` ``OUT/<stem>.csv`` + ``OUT/<stem>.summary.json``, and ``OUT/segment_report.json``
 (per image: the particle diameter used and where it came from, the resampling factor, the
-thresholds, the particle count, the pixel size, the annotations left out). Everything is
-staged and moved into place at the end. The work is :func:`napari_sagegan.api.segment`'s.
+thresholds, the particle count, the pixel size, the annotations left out, the count of
+non-finite pixels). Everything is staged and moved into place at the end. The work is
+:func:`napari_sagegan.api.segment`'s. ``--channel N`` picks the channel of multi-channel
+images (refused without it).
 
-On stderr, per image: the particle size used; a warning when its estimate is uncertain
+On stderr, per image: the particle size used; a warning when pixels were NaN or infinite
+(treated as missing); a warning when its estimate is uncertain
 (with the flags that give the size); the burned-in annotations left out; and, for an
 image without a pixel size, the scale bar found and the pixel size its label proposes
 (with the flag that applies it: never applied by itself).
@@ -18,7 +21,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from napari_sagegan.cli._common import DEVICES, Bar, say
+from napari_sagegan.cli._common import (
+    DEVICES,
+    Bar,
+    check_pixel_size,
+    folder_stems,
+    say,
+    spare_inputs,
+)
 from napari_sagegan.util.progress import run_to_end
 
 
@@ -55,7 +65,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     s.add_argument(
         "--csv",
         action="store_true",
-        help="also write DIR/<stem>.csv (one row per particle) and a summary JSON",
+        help="also write DIR/<stem>.csv (one row per particle, with the network's confidence "
+        "in it) and a summary JSON",
     )
     s.add_argument(
         "--pixel-size",
@@ -63,6 +74,15 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         default=None,
         metavar="NM",
         help="pixel size in nm for --csv and --diameter-nm (default: read from the image file)",
+    )
+    s.add_argument(
+        "--channel",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the channel to use in multi-channel images (an ImageJ CYX hyperstack, a TIFF with "
+        "several samples per pixel that are not RGB, one of R, G, B), 0 for the first; such "
+        "images are refused without it",
     )
     s.set_defaults(func=run)
     return s
@@ -73,6 +93,9 @@ def notes(r: Any) -> list[str]:
     its size: an uncertain size estimate, the annotations left out, a scale bar's pixel
     size."""
     lines = []
+    missing = r.describe_nonfinite()
+    if missing:
+        lines.append(f"warning: {missing}")
     s = r.scale
     if s is not None and s.uncertain:
         if s.diameter is not None:
@@ -110,6 +133,11 @@ def notes(r: Any) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``sagegan segment``; returns the exit status (0)."""
+    from napari_sagegan.api.segment import output_names
+
+    check_pixel_size(args.pixel_size)
+    names = output_names(folder_stems(args.inputs), args.csv)
+    spare_inputs([*args.inputs, args.model], args.out, names)
     from napari_sagegan import api
 
     gen = api.segment(
@@ -129,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out,
         csv=args.csv,
         keep_labels=False,
+        channel=args.channel,
     )
     bars: list[Bar] = []
 

@@ -7,6 +7,9 @@ keeps the best so far. The work is :func:`napari_sagegan.api.fine_tune`'s.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from napari_sagegan.cli._common import DEVICES, config_flags, config_values, drive, say
@@ -42,10 +45,25 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="checkpoint file to write (best model)")
     t.add_argument("--init", default=None, help="fine-tune from MODEL.pt or 'default'")
     t.add_argument("--resume", default=None, help="continue a run from its checkpoint")
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out whatever it holds (default: an existing model is "
+        "replaced only by one that scores better on the same validation images)",
+    )
     t.add_argument("--preset", default="default", help="architecture: default, paper or tiny")
     t.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget")
     t.add_argument("--epochs", type=int, default=None, help="maximum epochs (default 500)")
     t.add_argument("--device", default="auto", choices=DEVICES)
+    t.add_argument(
+        "--channel",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the channel to train on in multi-channel images (an ImageJ CYX hyperstack, a "
+        "TIFF with several samples per pixel that are not RGB, one of R, G, B), 0 for the "
+        "first; such images are refused without it",
+    )
     t.add_argument(
         "--target-diameter",
         type=float,
@@ -69,6 +87,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``sagegan train``; returns the exit status."""
+    from napari_sagegan.cli._common import spare_inputs
+
+    spare_inputs([args.images, args.masks], args.out)  # never a model over a training image
     from pathlib import Path
 
     from napari_sagegan import api
@@ -78,17 +99,21 @@ def run(args: argparse.Namespace) -> int:
     if max_minutes is None and epochs is None:
         max_minutes = 60.0
         say("no --epochs or --max-minutes given: training for at most 60 minutes")
-    config = TrainConfig(
-        epochs=epochs or 500,
-        max_minutes=max_minutes,
-        target_diameter=args.target_diameter or None,
-        calibrate=args.calibrate,
-        **config_values(args, FLAGS),
-    )
+    with flag_names([*FLAGS, "epochs", "max_minutes", "target_diameter"]):
+        config = TrainConfig(
+            epochs=500 if epochs is None else epochs,
+            max_minutes=max_minutes,
+            target_diameter=args.target_diameter or None,
+            calibrate=args.calibrate,
+            **config_values(args, FLAGS),
+        )
     out = Path(args.out)
+    run_state: dict[str, Any] = {}
 
     def on_event(ev: Any, bar: Any) -> None:
         if ev.stage == "prepare":
+            if "trainer" in ev.data:
+                run_state["trainer"] = ev.data["trainer"]
             if ev.step:
                 say(ev.message)
         elif ev.stage == "train":
@@ -103,23 +128,64 @@ def run(args: argparse.Namespace) -> int:
 
     gen = api.fine_tune(
         folder=(args.images, args.masks), init=args.init, config=config, arch=args.preset,
-        resume=args.resume, out=out, device=args.device,
+        resume=args.resume, out=out, device=args.device, channel=args.channel,
+        overwrite=args.overwrite,
     )  # fmt: skip
     try:
         trained = drive(gen, "train", on_event)
     except KeyboardInterrupt:
-        if out.exists():
-            say(f"interrupted; the best model so far is in {out}")
-        else:
-            say("interrupted before any model was validated; nothing written")
+        say(f"interrupted; {_what_was_written(run_state.get('trainer'), out)}")
         return EXIT_INTERRUPTED
+    except ValueError:  # TrainingDiverged among them: say what stays on disk
+        trainer = run_state.get("trainer")
+        if trainer is not None and trainer.written is not None:
+            say(f"the best model before the error is in {out}")
+        raise
     result = trained.result
-    scores = ", ".join(
-        f"{k} {v:.3f}"
-        for k, v in result.best_metrics.items()
-        if k in ("dice", "f1@0.5", "f1@0.5:0.9")
-    )
+    if result.skipped_steps:
+        say(
+            f"skipped {result.skipped_steps} steps whose loss or weights were not finite "
+            "(NaN or infinite)"
+        )
+    if result.kept is not None:
+        old, new = result.kept["metrics"], result.kept["new_metrics"]
+        why = (
+            f"it scores {_scores(old)} on the validation images, the new model "
+            f"{_scores(new) or 'n/a'}"
+            if old
+            else "there are no validation images to show that the new model is better"
+        )
+        print(f"sagegan: kept the existing {out}: {why}; --overwrite replaces it anyway")
+        return 0
     print(
-        f"sagegan: wrote {out} (best validation: {scores or 'n/a'}; stopped by {result.stopped_by})"
+        f"sagegan: wrote {out} (best validation: {_scores(result.best_metrics) or 'n/a'}; "
+        f"stopped by {result.stopped_by})"
     )
     return 0
+
+
+def _scores(metrics: dict[str, float]) -> str:
+    return ", ".join(
+        f"{k} {v:.3f}" for k, v in metrics.items() if k in ("dice", "f1@0.5", "f1@0.5:0.9")
+    )
+
+
+def _what_was_written(trainer: Any, out: Any) -> str:
+    """For an interrupted run: only a file this run wrote is announced."""
+    if trainer is not None and trainer.written is not None:
+        return f"the best model so far is in {out}"
+    if trainer is not None and trainer.existing is not None:
+        return f"{out} was left as it was (this run had not beaten it)"
+    return "nothing written"
+
+
+@contextlib.contextmanager
+def flag_names(fields: Iterable[str]) -> Iterator[None]:
+    """Re-raise a config's ``ValueError`` with the names of ``fields`` written as the
+    command's flags (``lr`` -> ``--lr``, ``max_minutes`` -> ``--max-minutes``)."""
+    try:
+        yield
+    except ValueError as err:
+        names = {f: "--" + f.replace("_", "-") for f in fields}
+        pattern = r"\b(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + r")\b"
+        raise ValueError(re.sub(pattern, lambda m: names[m.group(1)], str(err))) from None

@@ -25,6 +25,16 @@ object, is refused before anything runs) and rebuilds the model from ``arch`` wi
 ``target_diameter`` is the network scale the model was trained at (particle diameter in
 network pixels; ``None``: the images' own scale). Files written before it had its own entry
 keep it in ``train["target_diameter"]``, where it is still read.
+
+Damage is caught at :meth:`Checkpoint.load`, never later as a model that finds nothing: the
+zip archive's CRC-32 checksums are verified (``torch.load`` does not; bit rot inside one
+weight entry would otherwise load silently), every tensor must be finite (NaN / inf weights
+give empty segmentations), and every failure of the loader (a text file, a truncated file,
+another kind, missing entries, weights that do not fit the architecture at
+:meth:`Checkpoint.build`) is one :class:`CheckpointError` whose message names the file and
+says what to do. :meth:`Checkpoint.save` refuses to write non-finite weights. On the bundled
+fp16 model (4 MB, 2 M weights, 2-core CPU) the checksums take about 5 ms and the finiteness
+check about 4 ms, beside 35 ms for ``torch.load`` and 270 ms for building the network.
 """
 
 from __future__ import annotations
@@ -32,11 +42,12 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..util.files import atomic_path
@@ -73,6 +84,65 @@ class CheckpointError(ValueError):
     """A file that is not a usable napari-sagegan checkpoint."""
 
 
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every floating-point tensor of ``tensors`` holds only finite values (no NaN,
+    no +-inf); other tensors are ignored. CPU tensors are checked through NumPy (about 4 ms
+    for the bundled model's 2 M fp16 weights, several times faster than ``torch.isfinite``),
+    others with one synchronisation."""
+    others = []
+    for t in tensors:
+        if not (t.is_floating_point() or t.is_complex()):
+            continue
+        t = t.detach()
+        if t.device.type == "cpu" and t.dtype in _NUMPY_FLOATS:
+            if not np.isfinite(t.numpy()).all():
+                return False
+        else:
+            others.append(torch.isfinite(t).all())
+    return bool(torch.stack(others).all()) if others else True
+
+
+def first_nonfinite(tree: Any, prefix: str = "") -> str | None:
+    """The name (``a.b.c``) of the first floating-point tensor inside ``tree`` (nested dicts,
+    lists and tuples) holding a NaN or an infinity; ``None`` when all are finite."""
+    if isinstance(tree, torch.Tensor):
+        return None if all_finite([tree]) else (prefix or "tensor")
+    if isinstance(tree, Mapping):
+        items: Iterable[tuple[Any, Any]] = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return None
+    for key, value in items:
+        bad = first_nonfinite(value, f"{prefix}.{key}" if prefix else str(key))
+        if bad is not None:
+            return bad
+    return None
+
+
+def _verify_zip(path: Path) -> None:
+    """Check the CRC-32 of every entry of a zip checkpoint (what ``torch.save`` writes);
+    other files are left to the loader."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as err:
+        raise CheckpointError(
+            f"{path} is damaged (its zip archive cannot be read: {err}); restore it from a "
+            "backup or train the model again"
+        ) from err
+    if bad is not None:
+        raise CheckpointError(
+            f"{path} is damaged: the data of its entry {bad!r} fails its checksum (the file "
+            "changed after it was written); restore it from a backup or train the model again"
+        )
+
+
 def _versions() -> dict[str, str]:
     from .. import __version__
 
@@ -99,19 +169,34 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def default_model_path() -> Path:
-    """Path of the segmenter bundled with the package."""
-    return Path(__file__).resolve().parent.parent / "models" / "default.pt"
+#: The file of each bundled model, by kind (``"default"`` names it).
+BUNDLED = {SEGMENTER: "default.pt", GENERATOR: "generator.pt"}
 
 
-def resolve_model_path(model: str | os.PathLike | None) -> Path:
-    """Map ``None`` / ``"default"`` to the bundled model, else check that the file exists."""
+def default_model_path(kind: str = SEGMENTER) -> Path:
+    """Path of the model of ``kind`` bundled with the package (the segmenter, or phase 2's
+    mask -> image generator)."""
+    return Path(__file__).resolve().parent.parent / "models" / BUNDLED.get(kind, "default.pt")
+
+
+def has_bundled(kind: str = SEGMENTER) -> bool:
+    """Whether this installation bundles a model of ``kind``."""
+    return kind in BUNDLED and default_model_path(kind).is_file()
+
+
+def resolve_model_path(model: str | os.PathLike | None, kind: str = SEGMENTER) -> Path:
+    """Map ``None`` / ``"default"`` to the bundled model of ``kind``, else check that the
+    file exists."""
     if model is None or str(model) == DEFAULT_MODEL_NAME:
-        path = default_model_path()
+        path = default_model_path(kind)
+        if kind not in BUNDLED:
+            raise FileNotFoundError(f"there is no bundled {kind} model; give a {kind}.pt file")
         if not path.is_file():
+            what = "default model" if kind == SEGMENTER else "generator"
+            flag = "--model MODEL.pt" if kind == SEGMENTER else "a generator.pt file"
             raise FileNotFoundError(
-                "the bundled default model is missing from this installation "
-                f"({path}); reinstall napari-sagegan or pass --model MODEL.pt"
+                f"the bundled {what} is missing from this installation ({path}); "
+                f"reinstall napari-sagegan or give {flag}"
             )
         return path
     path = Path(model).expanduser()
@@ -121,7 +206,9 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
 
 
 def _read(path: Path) -> Any:
-    """``torch.load(weights_only=True)`` with messages a user understands."""
+    """``torch.load(weights_only=True)`` with messages a user understands; the zip archive's
+    checksums are verified first."""
+    _verify_zip(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -132,11 +219,19 @@ def _read(path: Path) -> Any:
             ) from err
         raise CheckpointError(
             f"cannot read {path}: the file is damaged or is not a PyTorch checkpoint "
-            "(nothing in it was run)"
+            "(nothing in it was run); give a model file written by napari-sagegan"
         ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+    except (MemoryError, KeyboardInterrupt, PermissionError):
+        raise
+    except Exception as err:  # noqa: BLE001  (the unpickler raises IndexError, KeyError, ...)
+        # torch's own errors (zip archive, storages) say what failed; the unpickler's
+        # IndexError / KeyError on a text file say nothing useful
+        text = " ".join(str(err).split())
+        detail = text if isinstance(err, (RuntimeError, OSError)) and text else ""
         raise CheckpointError(
-            f"cannot read {path}: the file is damaged or is not a PyTorch checkpoint ({err})"
+            f"cannot read {path}: the file is damaged or is not a PyTorch checkpoint "
+            f"({detail or 'nothing in it was run'}); give a model file written by "
+            "napari-sagegan"
         ) from err
 
 
@@ -202,6 +297,8 @@ class Checkpoint(Mapping):
         Store floating-point weights as float16 (half the file; cast back on :meth:`build`).
     format_version : int
         Format of the file it was read from (:data:`FORMAT_VERSION` when written now).
+    source : str
+        Where it was loaded from (the file, for messages); not part of the payload.
     """
 
     kind: str
@@ -219,6 +316,7 @@ class Checkpoint(Mapping):
     versions: dict[str, str] = field(default_factory=dict)
     half: bool = False
     format_version: int = FORMAT_VERSION
+    source: str = "the checkpoint"
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -294,6 +392,7 @@ class Checkpoint(Mapping):
             versions=dict(payload.get("versions") or {}),
             half=bool(payload.get("half", False)),
             format_version=int(payload.get("format_version", FORMAT_VERSION)),
+            source=source,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -322,8 +421,34 @@ class Checkpoint(Mapping):
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the checkpoint to ``path`` atomically (temporary file, then rename)."""
+        """Write the checkpoint to ``path`` atomically (temporary file, then rename).
+
+        Raises
+        ------
+        CheckpointError
+            A weight (or a tensor in ``extra``) is NaN or infinite: such a model would only
+            give empty segmentations, and ``path`` is left as it was.
+        """
+        bad = first_nonfinite({"state_dict": self.state_dict, "extra": self.extra})
+        if bad is not None:
+            raise CheckpointError(
+                f"refusing to write {path}: the model's {bad} holds NaN or infinite values "
+                "(training diverged); lower the learning rate and train again"
+            )
         return atomic_torch_save(self.to_dict(), path)
+
+    def check_finite(self) -> Checkpoint:
+        """Raise :class:`CheckpointError` (naming :attr:`source`) when a weight, a tensor in
+        ``extra`` or the optimiser state holds NaN or infinite values; return ``self``."""
+        bad = first_nonfinite(
+            {"state_dict": self.state_dict, "extra": self.extra, "optimizer": self.optimizer}
+        )
+        if bad is not None:
+            raise CheckpointError(
+                f"{self.source} is damaged: its {bad} holds NaN or infinite values, so the "
+                "model cannot segment anything; use another checkpoint or train it again"
+            )
+        return self
 
     @classmethod
     def load(
@@ -351,19 +476,11 @@ class Checkpoint(Mapping):
             another ``kind``.
         """
         if isinstance(source, Checkpoint):
-            ckpt, name = source, "the checkpoint"
+            ckpt, name = source, source.source
         elif isinstance(source, Mapping):
-            ckpt, name = cls.from_dict(source), "the checkpoint"
+            ckpt, name = cls._from_payload(source, "the checkpoint"), "the checkpoint"
         else:
-            if kind not in (None, SEGMENTER) and (
-                source is None or str(source) == DEFAULT_MODEL_NAME
-            ):
-                raise FileNotFoundError(
-                    f"there is no bundled {kind} model; give a {kind}.pt file"
-                    if kind != GENERATOR
-                    else "there is no bundled generator; give a generator.pt file"
-                )
-            path = resolve_model_path(source)
+            path = resolve_model_path(source, kind or SEGMENTER)
             payload = _read(path)
             name = str(path)
             if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -388,10 +505,30 @@ class Checkpoint(Mapping):
                     f"{path} holds a {payload.get('kind')!r} model, but a {kind!r} model is "
                     "needed here"
                 )
-            ckpt = cls.from_dict(payload, source=name)
+            ckpt = cls._from_payload(payload, name)
         if kind is not None and ckpt.kind != kind:
             raise CheckpointError(
                 f"{name} holds a {ckpt.kind!r} model, but a {kind!r} model is needed here"
+            )
+        return ckpt.check_finite()
+
+    @classmethod
+    def _from_payload(cls, payload: Mapping[str, Any], name: str) -> Checkpoint:
+        """:meth:`from_dict` with every malformed entry (a field of the wrong type, weights
+        that are not tensors) reported as a :class:`CheckpointError` naming ``name``."""
+        try:
+            ckpt = cls.from_dict(payload, source=name)
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError) as err:
+            raise CheckpointError(
+                f"{name} is damaged or incomplete ({type(err).__name__}: {err}); use a "
+                "checkpoint written by napari-sagegan"
+            ) from err
+        if not all(isinstance(v, torch.Tensor) for v in ckpt.state_dict.values()):
+            raise CheckpointError(
+                f"{name} is damaged or incomplete: its state_dict holds entries that are not "
+                "tensors; use a checkpoint written by napari-sagegan"
             )
         return ckpt
 
@@ -402,8 +539,11 @@ class Checkpoint(Mapping):
         try:
             return config_cls.from_dict(dict(self.arch))
         except (TypeError, ValueError) as err:
-            what = "the checkpoint's" if self.kind == SEGMENTER else f"the {self.kind} checkpoint's"
-            raise CheckpointError(f"{what} architecture is invalid: {err}") from err
+            what = "segmenter" if self.kind == SEGMENTER else self.kind
+            raise CheckpointError(
+                f"{self.source}: the {what} architecture it describes is invalid ({err}); use a "
+                "checkpoint written by napari-sagegan"
+            ) from err
 
     def build(self) -> torch.nn.Module:
         """The network rebuilt from :attr:`arch` with these weights (``strict=True``), in
@@ -414,9 +554,12 @@ class Checkpoint(Mapping):
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as err:
-            what = "checkpoint's" if self.kind == SEGMENTER else f"{self.kind}'s"
+            what = "segmenter" if self.kind == SEGMENTER else self.kind
+            detail = " ".join(str(err).split())
+            detail = detail if len(detail) <= 240 else detail[:237] + "..."
             raise CheckpointError(
-                f"the {what} weights do not fit its architecture: {str(err).splitlines()[0]}"
+                f"{self.source}: the {what} weights do not fit its architecture ({detail}); "
+                "the file is damaged or was edited: use a checkpoint written by napari-sagegan"
             ) from err
         return model.eval()
 

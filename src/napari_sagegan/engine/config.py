@@ -11,6 +11,7 @@ phases; a nested config is a nested dict in ``to_dict`` / ``from_dict``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -129,6 +130,11 @@ def preset(name: str) -> ArchConfig:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
 
 
+#: Smallest and largest training patch side, pixels (a patch of ``MAX_PATCH`` with the
+#: default batch of 8 already needs several GB for the activations).
+MIN_PATCH, MAX_PATCH = 16, 1024
+
+
 @dataclass(frozen=True)
 class TrainConfig(_Config):
     """How to train the segmenter (phase 1).
@@ -180,14 +186,44 @@ class TrainConfig(_Config):
     def __post_init__(self) -> None:
         if self.loss not in ("focal_tversky", "ce_dice"):
             raise ValueError(f"loss must be 'focal_tversky' or 'ce_dice', got {self.loss!r}")
-        if self.patch_size < 16:
-            raise ValueError(f"patch_size must be at least 16 pixels, got {self.patch_size}")
-        if self.batch_size < 1 or self.epochs < 1:
-            raise ValueError("batch_size and epochs must be at least 1")
+        if not MIN_PATCH <= self.patch_size <= MAX_PATCH:
+            raise ValueError(
+                f"patch_size must be between {MIN_PATCH} and {MAX_PATCH} pixels (128-256 is "
+                f"usual), got {self.patch_size}"
+            )
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.epochs < 1:
+            raise ValueError(
+                f"epochs must be at least 1, got {self.epochs} (limit the time with max_minutes)"
+            )
+        if self.steps_per_epoch < 0:
+            raise ValueError(
+                "steps_per_epoch must be a positive number of steps, or 0 for one pass over "
+                f"the training images' area, got {self.steps_per_epoch}"
+            )
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(
+                f"lr (the learning rate) must be a positive finite number such as 1e-4, got "
+                f"{self.lr}"
+            )
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(
+                f"weight_decay must be a finite number of 0 or more, got {self.weight_decay}"
+            )
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ValueError(f"max_minutes must be positive, got {self.max_minutes}")
+        if self.max_minutes is not None and not (
+            math.isfinite(self.max_minutes) and self.max_minutes > 0
+        ):
+            raise ValueError(
+                f"max_minutes must be a positive number of minutes (or None for no time "
+                f"limit), got {self.max_minutes}"
+            )
+        if self.val_every < 1:
+            raise ValueError(f"val_every must be at least 1 epoch, got {self.val_every}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be a whole number of 0 or more, got {self.seed}")
         if self.target_diameter is not None and not 4.0 <= self.target_diameter <= 256.0:
             raise ValueError(
                 f"target_diameter is the particle diameter the network sees, in pixels, and "

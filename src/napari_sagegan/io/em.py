@@ -42,7 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from napari_sagegan.io.images import existing_file, read_image
+from napari_sagegan.io.images import existing_file, read_image, require_finite
+from napari_sagegan.io.layout import check_channel
 
 #: Suffixes handled by a dedicated EM reader (rosettasciio or mrcfile), lower case.
 EM_SUFFIXES = (".dm3", ".dm4", ".emd", ".ser", ".mrc", ".mrcs")
@@ -345,7 +346,9 @@ def _read_mrc(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
 _SOURCE_OF_SUFFIX = {".dm3": "dm", ".dm4": "dm", ".emd": "emd", ".ser": "ser"}
 
 
-def read_em(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
+def read_em(
+    path: str | os.PathLike, *, channel: int | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Read a micrograph and its pixel size.
 
     Parameters
@@ -354,6 +357,10 @@ def read_em(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
         ``.tif/.tiff`` (ImageJ, OME, FEI/Thermo, Zeiss SEM metadata), ``.dm3/.dm4``,
         ``.emd`` (Velox or Berkeley), ``.ser`` (FEI TIA), ``.mrc/.mrcs``. Other image files
         (PNG, JPEG, ...) are read without a pixel size.
+    channel : int, optional
+        The channel of a multi-channel TIFF / PNG (see
+        :func:`~napari_sagegan.io.images.read_image`); the EM formats hold one channel
+        (``0`` is accepted for them).
 
     Returns
     -------
@@ -370,15 +377,24 @@ def read_em(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
         The file does not exist.
     ValueError
         Unreadable, truncated or damaged file, colour or complex data, no 2-D image in it,
-        or a reader library missing.
+        no finite pixel in it, a channel that is not there, or a reader library missing.
     """
     p = existing_file(path)
     suffix = p.suffix.lower()
-    if suffix in (".mrc", ".mrcs"):
-        return _read_mrc(p)
-    if suffix in _SOURCE_OF_SUFFIX:
-        return _read_rsciio(p, _SOURCE_OF_SUFFIX[suffix])
-    data = read_image(p)
+    channel = check_channel(channel)
+    if suffix in (".mrc", ".mrcs") or suffix in _SOURCE_OF_SUFFIX:
+        if channel:
+            raise ValueError(
+                f"{p} holds a single channel; there is no channel {channel}: leave --channel "
+                "out for this file (or give 0)"
+            )
+        if suffix in (".mrc", ".mrcs"):
+            data, meta = _read_mrc(p)
+        else:
+            data, meta = _read_rsciio(p, _SOURCE_OF_SUFFIX[suffix])
+        require_finite(data, p)
+        return data, meta
+    data = read_image(p, channel=channel)
     if suffix in TIFF_SUFFIXES:
         return data, tiff_pixel_size(p)
     return data, _meta(None, "none")

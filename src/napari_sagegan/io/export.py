@@ -244,10 +244,12 @@ def particle_table(
         One row per particle, sorted by label: ``index`` and ``label`` (the label id; napari
         uses ``index`` to show a particle's values under the cursor), ``slice`` (stacks
         only), ``area_px``, ``equivalent_diameter_px``, ``centroid_y_px``,
-        ``centroid_x_px`` and, with a pixel size in unit ``u``: ``area_u2``,
-        ``equivalent_diameter_u``, ``centroid_y_u``, ``centroid_x_u`` (``u`` in ASCII:
-        ``um`` for micrometres). Centroids are measured from the image's top-left pixel centre. The equivalent
-        diameter is that of the disc of the same area, ``2 sqrt(area / pi)``.
+        ``centroid_x_px``, ``touches_border`` (the particle reaches the image edge, so it
+        is cut by it: its size is a lower bound) and, with a pixel size in unit ``u``:
+        ``area_u2``, ``equivalent_diameter_u``, ``centroid_y_u``, ``centroid_x_u`` (``u``
+        in ASCII: ``um`` for micrometres). Centroids are measured from the image's top-left
+        pixel centre. The equivalent diameter is that of the disc of the same area,
+        ``2 sqrt(area / pi)``.
     """
     import pandas as pd
     from skimage.measure import regionprops_table
@@ -255,29 +257,35 @@ def particle_table(
     labels = np.asarray(labels)
     if labels.ndim not in (2, 3):
         raise ValueError(f"expected (Y, X) or (Z, Y, X) labels, got shape {labels.shape}")
-    props = ("label", "area", "centroid")
+    props = ("label", "area", "centroid", "bbox")
     planes = [(None, labels)] if labels.ndim == 2 else list(enumerate(labels))
     parts = []
     for z, plane in planes:
         if not np.any(plane):
             continue
         t = regionprops_table(np.asarray(plane, dtype=np.int64), properties=props)
+        ny, nx = plane.shape
         part = pd.DataFrame(
             {
                 "label": t["label"].astype(np.int64),
                 "area_px": t["area"].astype(np.float64),
                 "centroid_y_px": t["centroid-0"],
                 "centroid_x_px": t["centroid-1"],
+                "touches_border": (t["bbox-0"] == 0)
+                | (t["bbox-1"] == 0)
+                | (t["bbox-2"] == ny)
+                | (t["bbox-3"] == nx),
             }
         )
         if z is not None:
             part.insert(1, "slice", z)
         parts.append(part)
     columns = ["label"] + (["slice"] if labels.ndim == 3 else [])
-    columns += ["area_px", "centroid_y_px", "centroid_x_px"]
+    columns += ["area_px", "centroid_y_px", "centroid_x_px", "touches_border"]
     table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
     table = table.sort_values(["label"] + (["slice"] if labels.ndim == 3 else []))
     table = table.reset_index(drop=True)
+    table["touches_border"] = table["touches_border"].astype(bool)
     table.insert(
         table.columns.get_loc("area_px") + 1,
         "equivalent_diameter_px",

@@ -1,14 +1,26 @@
 """Read micrographs and label images, and pair them by name.
 
 Qt-free and torch-free: the ``sagegan`` command line and training on folders use it.
+Why ~570 lines: reading, pairing and listing share the readers' rules (suffixes, what a
+mask is); what a header says (axes, channels, declared size) is in
+:mod:`napari_sagegan.io.layout`.
 
 Conventions
 -----------
 - Micrographs are grayscale. An RGB(A) file whose colour channels are equal (the usual way a
   grayscale figure is saved) is read as that single channel, alpha dropped; a genuinely
-  coloured image is refused with a ``ValueError``.
+  coloured image is refused with a ``ValueError`` (or one channel is taken: ``channel=N``).
 - A 2-D image is returned as ``(Y, X)``; a TIFF stack as ``(Z, Y, X)``. The stored dtype
   (uint8, uint16, float, ...) is kept: normalisation is the engine's job.
+- A TIFF's axes come from tifffile (``series.axes``, ImageJ / OME metadata included): depth,
+  time, angle or unnamed axes make a stack; channels (``C``) and samples per pixel that are
+  not an RGB photograph (``S``) are ambiguous and refused unless ``channel=N`` picks one
+  (see :mod:`napari_sagegan.io.layout`).
+- Every file's declared size is checked from its header before decoding
+  (:func:`~napari_sagegan.io.layout.check_decoded_size`): a tiny file declaring billions
+  of pixels, or a PNG decompression bomb, is refused with the declared shape and bytes.
+- An image with no finite pixel (all NaN / inf) is refused, naming the file; single
+  non-finite pixels are kept as they are (the engine treats them as missing).
 - Label images hold 0 for background and 1, 2, ... for particles. A binary mask is split into
   connected components with 4-connectivity (``connectivity=1``): two particles that touch
   only at a corner become two instances, which is what a microscopist drawing a mask means.
@@ -23,6 +35,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from napari_sagegan.io.layout import (
+    ImageRefused,
+    Layout,
+    check_channel,
+    check_decoded_size,
+    dims,
+    pillow_header,
+    tiff_layout,
+)
 
 #: File suffixes recognised as images when listing folders (case-insensitive).
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -50,11 +72,11 @@ def existing_file(path: str | os.PathLike) -> Path:
     return p
 
 
-def _load_tiff(path: Path) -> tuple[np.ndarray, tuple[int, ...], bool, bool]:
-    """Read the first series of a TIFF.
+def _load_tiff(path: Path, channel: int | None, what: str) -> tuple[np.ndarray, str | None]:
+    """Read the first series of a TIFF, its layout checked from the header first.
 
-    Returns the data with singleton axes dropped and any samples-per-pixel axis moved last,
-    the shape as stored, whether there is a samples axis, and whether it holds RGB colour.
+    Returns the data with singleton axes dropped, the chosen channel taken and any samples
+    axis moved last, and what that samples axis is (``"colour"``, ``"alpha"`` or ``None``).
     """
     import tifffile
 
@@ -62,38 +84,51 @@ def _load_tiff(path: Path) -> tuple[np.ndarray, tuple[int, ...], bool, bool]:
         if not tif.series:
             raise ValueError("the file holds no image")
         series = tif.series[0]
-        axes = series.axes
-        photometric = series.keyframe.photometric
+        layout = tiff_layout(path, series, channel, what)
+        check_decoded_size(path, layout.stored, series.dtype, _plane_of(layout))
         data = series.asarray()
-    stored = tuple(data.shape)
-    # Drop length-1 axes (e.g. ImageJ's T=1, C=1), keeping Y and X even when 1 pixel long.
-    keep = [i for i, (ax, n) in enumerate(zip(axes, stored)) if n > 1 or ax in "YX"]
-    data = data.reshape([stored[i] for i in keep])
-    axes = "".join(axes[i] for i in keep)
-    has_samples = "S" in axes
-    if has_samples:
-        data = np.moveaxis(data, axes.index("S"), -1)
-    colour = has_samples and photometric in (
-        tifffile.PHOTOMETRIC.RGB,
-        tifffile.PHOTOMETRIC.YCBCR,
-    )
-    return data, stored, has_samples, colour
+    if layout.planes > 1:
+        raise ImageRefused(
+            f"{path}: expected a 2-D image or a 3-D stack (Z, Y, X), got shape "
+            f"{layout.stored} (axes {layout.axes})"
+        )
+    return layout.apply(data), layout.samples
 
 
-def _load_other(path: Path) -> tuple[np.ndarray, tuple[int, ...], bool, bool]:
-    """Read PNG / JPEG / BMP (and anything else Pillow reads) through imageio."""
+def _plane_of(layout: Layout) -> tuple[int, int]:
+    return layout.shape[layout.axes.index("Y")], layout.shape[layout.axes.index("X")]
+
+
+def _load_other(path: Path, channel: int | None, what: str) -> tuple[np.ndarray, str | None]:
+    """Read PNG / JPEG / BMP (and anything else Pillow reads) through imageio, the header's
+    declared size checked first; a channel choice takes one sample."""
+    import warnings
+
     import imageio.v3 as iio
+    from PIL import Image
 
-    data = np.asarray(iio.imread(path, plugin="pillow"))
-    stored = tuple(data.shape)
+    pillow_header(path)
+    with warnings.catch_warnings():  # the size was checked above
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        data = np.asarray(iio.imread(path, plugin="pillow"))
     has_samples = data.ndim == 3 and data.shape[-1] in (2, 3, 4)
-    colour = has_samples and data.shape[-1] >= 3
-    return data, stored, has_samples, colour
+    if channel is not None:
+        n = data.shape[-1] if has_samples else 1
+        if channel >= n:
+            raise ImageRefused(
+                f"{path} has {'a single channel' if n == 1 else f'{n} channels'} (shape "
+                f"{dims(data.shape)}); there is no channel {channel}: "
+                + (f"choose one of 0-{n - 1}" if n > 1 else "leave --channel out for this file")
+            )
+        return (np.ascontiguousarray(data[..., channel]) if has_samples else data), None
+    if not has_samples:
+        return data, None
+    return data, "colour" if data.shape[-1] >= 3 else "alpha"
 
 
 def _single_channel(data: np.ndarray, colour: bool, path: Path, what: str) -> np.ndarray:
     """Reduce a trailing samples axis to one grey channel, refusing real colour."""
-    if not colour:  # grey + alpha / extra samples: the grey value is the first sample
+    if not colour:  # grey + alpha: the grey value is the first sample
         return np.ascontiguousarray(data[..., 0])
     r, g, b = data[..., 0], data[..., 1], data[..., 2]
     if np.array_equal(r, g) and np.array_equal(r, b):
@@ -106,7 +141,8 @@ def _single_channel(data: np.ndarray, colour: bool, path: Path, what: str) -> np
     if what == "image":
         raise ValueError(
             f"{path} is a colour image (its R, G, B channels differ); EM images are "
-            "grayscale: convert it to grayscale first"
+            "grayscale: convert it to grayscale first, or choose one channel with --channel N "
+            "(0-2)"
         )
     raise ValueError(
         f"{path} is a colour mask (its R, G, B channels differ); expected a grayscale label "
@@ -115,29 +151,60 @@ def _single_channel(data: np.ndarray, colour: bool, path: Path, what: str) -> np
     )
 
 
-def _read_array(path: str | os.PathLike, what: str) -> np.ndarray:
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _read_array(path: str | os.PathLike, what: str, channel: int | None = None) -> np.ndarray:
     p = existing_file(path)
+    channel = check_channel(channel)
     is_tiff = p.suffix.lower() in _TIFF_SUFFIXES
     try:
-        data, stored, has_samples, colour = _load_tiff(p) if is_tiff else _load_other(p)
-    except (FileNotFoundError, MemoryError):
+        load = _load_tiff if is_tiff else _load_other
+        data, samples = load(p, channel, what)
+    except (FileNotFoundError, MemoryError, ImageRefused):
         raise
     except Exception as exc:  # any decoder failure: truncated, corrupt, not an image
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"cannot read {p} as an image: {reason}") from exc
-    if has_samples:
-        data = _single_channel(data, colour, p, what)
+        raise ValueError(f"cannot read {p} as an image: {_reason(exc)}") from exc
+    if samples is not None:
+        data = _single_channel(data, samples == "colour", p, what)
     # Only a TIFF holds stacks: any other 3-D result (an odd channel count) is refused.
-    if data.ndim == 2 or (data.ndim == 3 and is_tiff):
-        return data
-    raise ValueError(f"{p}: expected a 2-D image or a 3-D stack (Z, Y, X), got shape {stored}")
+    if not (data.ndim == 2 or (data.ndim == 3 and is_tiff)):
+        raise ValueError(
+            f"{p}: expected a 2-D image or a 3-D stack (Z, Y, X), got shape {data.shape}"
+        )
+    if what == "image":
+        require_finite(data, p)
+    return data
 
 
-def probe_image(path: str | os.PathLike) -> tuple[int, ...]:
+def require_finite(data: np.ndarray, name: str | os.PathLike) -> None:
+    """Refuse an image none of whose pixels is finite (all NaN or infinite), naming it.
+
+    Integer images always pass without a look; a float image with at least one finite
+    pixel passes (the others are missing pixels, which the engine leaves out).
+
+    Raises
+    ------
+    ValueError
+        ``"<name> holds no finite value (every pixel is NaN or infinite) ..."``.
+    """
+    if np.dtype(data.dtype).kind not in "fc" or np.isfinite(data).any():
+        return
+    raise ValueError(
+        f"{name} holds no finite value (every pixel is NaN or infinite): there is nothing "
+        "to segment or measure in it; check the file or the step that wrote it"
+    )
+
+
+def probe_image(path: str | os.PathLike, *, channel: int | None = None) -> tuple[int, ...]:
     """Check that ``path`` looks like a readable 2-D image or 3-D stack without decoding it.
 
     Reads only the file header (TIFF series / Pillow header), so a batch job can refuse a
-    bad input before it starts. Returns the stored shape (a samples axis included).
+    bad input before it starts: a damaged header, a declared size too large to decode here,
+    channels to choose from without a ``channel``, a ``channel`` that is not there. Returns
+    the stored shape (a samples axis included).
 
     Raises
     ------
@@ -145,59 +212,74 @@ def probe_image(path: str | os.PathLike) -> tuple[int, ...]:
         As :func:`read_image`, for what a header can tell.
     """
     p = existing_file(path)
+    channel = check_channel(channel)
+    is_tiff = p.suffix.lower() in _TIFF_SUFFIXES
     try:
-        if p.suffix.lower() in _TIFF_SUFFIXES:
+        if is_tiff:
             import tifffile
 
             with tifffile.TiffFile(p) as tif:
                 if not tif.series:
                     raise ValueError("the file holds no image")
                 series = tif.series[0]
-                shape = tuple(int(n) for n in series.shape)
-                axes = series.axes
-            core = [n for n, ax in zip(shape, axes) if (n > 1 or ax in "YX") and ax != "S"]
-        else:
-            import imageio.v3 as iio
-
-            props = iio.improps(p, plugin="pillow")
-            shape = tuple(int(n) for n in props.shape)
-            core = list(shape[:2])
-    except (FileNotFoundError, MemoryError):
+                layout = tiff_layout(p, series, channel, "image")
+                check_decoded_size(p, layout.stored, series.dtype, _plane_of(layout))
+            if layout.planes > 1:
+                raise ImageRefused(
+                    f"{p}: expected a 2-D image or a 3-D stack (Z, Y, X), got shape "
+                    f"{layout.stored} (axes {layout.axes})"
+                )
+            return layout.stored
+        (h, w), mode = pillow_header(p)
+    except (FileNotFoundError, MemoryError, ImageRefused):
         raise
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"cannot read {p} as an image: {reason}") from exc
-    if len(core) not in (2, 3):
-        raise ValueError(f"{p}: expected a 2-D image or a 3-D stack (Z, Y, X), got shape {shape}")
-    return shape
+        raise ValueError(f"cannot read {p} as an image: {_reason(exc)}") from exc
+    bands = 1 if mode in ("1", "L", "I", "F", "P") or mode.startswith("I;16") else len(mode)
+    if channel and mode not in ("P", "PA") and channel >= bands:  # a palette: RGB(A)
+        raise ImageRefused(
+            f"{p} has {'a single channel' if bands == 1 else f'{bands} channels'} (mode "
+            f"{mode}, {w} x {h} pixels); there is no channel {channel}"
+        )
+    return (h, w) if bands == 1 else (h, w, bands)
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, *, channel: int | None = None) -> np.ndarray:
     """Read a grayscale micrograph (or TIFF stack) as stored.
 
-    PNG, JPEG and BMP are read with imageio (Pillow), TIFF with tifffile (first series).
+    PNG, JPEG and BMP are read with imageio (Pillow), TIFF with tifffile (first series,
+    its axes from ``series.axes``). The declared size is checked before decoding: more than
+    2**31 pixels per plane, or more bytes than the memory available, is refused.
 
     Parameters
     ----------
     path : str or PathLike
         Image file.
+    channel : int, optional
+        The channel to read from a multi-channel file: a TIFF whose channels (``C``) or
+        samples per pixel (``S``) are not an RGB photograph (an ImageJ ``CYX`` hyperstack,
+        5 detector samples...), which is refused without one; or one of R, G, B of a
+        colour image. ``0`` is accepted for a single-channel image.
 
     Returns
     -------
     numpy.ndarray
-        ``(Y, X)`` for an image, ``(Z, Y, X)`` for a TIFF stack; dtype as stored (uint8,
-        uint16, float32, ...). RGB(A) files with equal colour channels give the single
-        channel (alpha dropped).
+        ``(Y, X)`` for an image, ``(Z, Y, X)`` for a TIFF stack (axes Z, T, A, I or Q:
+        depth, time, tilt angle, unnamed); dtype as stored (uint8, uint16, float32, ...).
+        RGB(A) files with equal colour channels give the single channel (alpha dropped);
+        grey + alpha gives the grey channel.
 
     Raises
     ------
     FileNotFoundError
         The file does not exist.
     ValueError
-        The file is not a readable image (truncated, corrupt, another format), is a colour
-        image, or has more than three axes.
+        The file is not a readable image (truncated, corrupt, another format), declares a
+        size too large to decode here, is a colour image, has channels to choose from
+        (without ``channel``) or not the one chosen, has more than three axes, or holds no
+        finite value.
     """
-    return _read_array(path, "image")
+    return _read_array(path, "image", channel)
 
 
 def as_instance_labels(mask: np.ndarray, *, source: str = "the mask") -> np.ndarray:
@@ -468,12 +550,16 @@ class Pair:
 
 
 def read_pairs(
-    images_dir: str | os.PathLike, masks_dir: str | os.PathLike | None = None
+    images_dir: str | os.PathLike,
+    masks_dir: str | os.PathLike | None = None,
+    *,
+    channel: int | None = None,
 ) -> list[Pair]:
     """Read the (image, mask) pairs of two folders (masks beside the images by default).
 
-    Files are paired by :func:`find_pairs`; each mask is read with :func:`read_label_image`
-    and must match its image pixel for pixel.
+    Files are paired by :func:`find_pairs`; each image is read with :func:`read_image`
+    (``channel``: the channel of multi-channel images), each mask with
+    :func:`read_label_image`, and a mask must match its image pixel for pixel.
 
     Raises
     ------
@@ -482,7 +568,7 @@ def read_pairs(
     """
     out = []
     for img_path, mask_path in find_pairs(images_dir, masks_dir or images_dir):
-        image = read_image(img_path)
+        image = read_image(img_path, channel=channel)
         mask = read_label_image(mask_path)
         if mask.shape != image.shape:
             raise ValueError(

@@ -4,7 +4,8 @@
 measure`; ``results.summary.json`` (:func:`summary_path`) holds, per file, the pixel size
 and where it came from, the unit, the summary statistics and g(r), and (several files) the
 pooled statistics. Both are written atomically. ``sagegan measure``, ``sagegan segment
---csv`` and the Measure dock write through here. Torch-free, Qt-free and engine-free: the
+--csv`` and the Measure dock write through here, and the Measure dock's summary table (one
+row per image: :func:`write_summary_table`). Torch-free, Qt-free and engine-free: the
 measuring is :func:`napari_sagegan.api.measure`'s.
 """
 
@@ -98,3 +99,12 @@ def write_measurements(
     source = pixel_size_source or ("given" if m.pixel_size is not None else "none")
     record = {"tool": TOOL, "files": [file_record(m, labels_name, image_name, source)]}
     return write_table(path, m.table, record)
+
+
+def write_summary_table(path: str | os.PathLike, table: Any) -> Path:
+    """Write the per-image summary table (one row per image, then pooled rows) as CSV,
+    atomically; columns carry their units (``D50_nm``, ``number_density_per_um2``)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False, float_format=_FLOAT_FORMAT)
+    return path

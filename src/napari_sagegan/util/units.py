@@ -8,6 +8,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+#: A plausible pixel size, nm per pixel, from sub-atomic sampling to millimetre pixels:
+#: outside it lengths, areas and densities underflow or overflow.
+PIXEL_SIZE_RANGE_NM = (1e-6, 1e6)
+
 
 def check_pixel_size(pixel_size: Any) -> float | None:
     """Validate a pixel size in nm per pixel (``None`` = unknown); return it as a float.
@@ -15,7 +19,7 @@ def check_pixel_size(pixel_size: Any) -> float | None:
     Raises
     ------
     ValueError
-        Not a positive finite number.
+        Not a finite number in :data:`PIXEL_SIZE_RANGE_NM`.
     """
     if pixel_size is None:
         return None
@@ -25,10 +29,11 @@ def check_pixel_size(pixel_size: Any) -> float | None:
         raise ValueError(
             f"pixel size must be a number of nm per pixel, got {pixel_size!r}"
         ) from None
-    if not math.isfinite(value) or value <= 0:
+    lo, hi = PIXEL_SIZE_RANGE_NM
+    if not (math.isfinite(value) and lo <= value <= hi):
         raise ValueError(
-            f"pixel size must be a positive number of nm per pixel, got {pixel_size!r}; "
-            "leave it out to measure in pixels"
+            f"pixel size must be a positive number of nm per pixel from {lo:g} to {hi:g}, "
+            f"got {pixel_size!r}; leave it out to measure in pixels"
         )
     return value
 

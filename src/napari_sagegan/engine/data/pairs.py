@@ -23,6 +23,7 @@ import numpy as np
 __all__ = [
     "TrainingPairs",
     "check_pairs",
+    "fill_nonfinite",
     "instance_targets",
     "prepare_pairs",
     "split_indices",
@@ -65,6 +66,35 @@ def check_pairs(images: Sequence[Any], labels: Sequence[Any], *, what: str = "tr
             "the masks contain no particles (every pixel is background); label at least a few "
             "particles before training"
         )
+
+
+def fill_nonfinite(image: Any, *, what: str = "training image") -> Any:
+    """``image`` with its non-finite pixels (NaN, +-inf: missing data, e.g. the border left by
+    drift correction) set to the median of its finite pixels, so that neither the resampling
+    to the network scale nor the normalisation spreads them (one NaN pixel would otherwise
+    make every loss, gradient and weight NaN). Integer images, and float images without such
+    pixels, are returned as they are (no copy).
+
+    Raises
+    ------
+    ValueError
+        The image holds no finite value at all.
+    """
+    dtype = getattr(image, "dtype", None)
+    if dtype is None or not np.issubdtype(dtype, np.inexact):
+        return image
+    arr = np.asarray(image)
+    bad = ~np.isfinite(arr)
+    if not bad.any():
+        return image
+    if bad.all():
+        raise ValueError(
+            f"{what} holds no finite value (every pixel is NaN or infinite); remove it from "
+            "the training set"
+        )
+    out = np.array(arr, dtype=np.result_type(arr.dtype, np.float32))
+    out[bad] = np.median(arr[~bad])
+    return out
 
 
 # --------------------------------------------------------------------------- targets
@@ -309,7 +339,11 @@ def prepare_pairs(
         train_idx, val_idx = split_indices(len(images), val_fraction, seed)
         v_images = [images[i] for i in val_idx]
         v_labels = [labels[i] for i in val_idx]
-    t_images = [np.asarray(images[i]) for i in train_idx]
+    # missing (non-finite) pixels are filled once, before any resampling or normalisation
+    t_images = [
+        np.asarray(fill_nonfinite(images[i], what=f"training image {i}")) for i in train_idx
+    ]
+    v_images = [fill_nonfinite(im, what=f"validation image {i}") for i, im in enumerate(v_images)]
     t_labels = [np.asarray(labels[i]) for i in train_idx]
     if not any(np.any(lab > 0) for lab in t_labels):
         raise ValueError("the training split has no particles; add labelled images")

@@ -128,52 +128,81 @@ def scale_factor(diameter: float | None, target_diameter: float | None) -> float
     return float(np.clip(target_diameter / diameter, MIN_FACTOR, MAX_FACTOR))
 
 
-def _read_window(image: Any, limit: int) -> np.ndarray:
-    """The central ``limit x limit`` (at most) part of an image, as float32; only that part
-    is read from a memmap or dask array."""
+def _read_window(image: Any, limit: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The central ``limit x limit`` (at most) part of an image, as float32, and where it is
+    valid (``None``: everywhere). Only that part is read from a memmap or dask array.
+    Missing (non-finite) pixels are given the window's finite median, so that smoothing and
+    resampling see a neutral grey there; callers keep them out with the mask."""
     h, w = int(image.shape[-2]), int(image.shape[-1])
     y0, x0 = max((h - limit) // 2, 0), max((w - limit) // 2, 0)
     window = np.asarray(image[y0 : y0 + min(h, limit), x0 : x0 + min(w, limit)], np.float32)
-    return np.nan_to_num(window) if not np.isfinite(window).all() else window
+    valid = np.isfinite(window)
+    if valid.all():
+        return window, None
+    window = np.where(valid, window, np.median(window[valid]) if valid.any() else 0.0)
+    return window.astype(np.float32, copy=False), valid
 
 
-def _shrink(img: np.ndarray, side: int) -> tuple[np.ndarray, float]:
+def _shrink(
+    img: np.ndarray, side: int, valid: np.ndarray | None = None
+) -> tuple[np.ndarray, float, np.ndarray | None]:
+    """``img`` shrunk to at most ``side`` pixels a side, the factor, and the valid mask
+    shrunk with it (a pixel stays valid only when all it was made of was)."""
     from skimage.transform import resize
 
     m = max(img.shape)
     if m <= side:
-        return img, 1.0
+        return img, 1.0, valid
     f = side / m
     out_shape = (max(1, round(img.shape[0] * f)), max(1, round(img.shape[1] * f)))
     small = resize(img, out_shape, order=1, anti_aliasing=True, preserve_range=True)
-    return small.astype(np.float32), f
+    if valid is not None:
+        share = resize(valid.astype(np.float32), out_shape, order=1, anti_aliasing=True)
+        valid = share > 0.99
+    return small.astype(np.float32), f, valid
 
 
-def _inscribed_diameter(img: np.ndarray) -> float | None:
+def _inscribed_diameter(img: np.ndarray, valid: np.ndarray | None = None) -> float | None:
     """Area-weighted median inscribed diameter of the compact phase of an Otsu split.
 
     Both phases are tried; the particle phase is the one whose area lies less on the image
     border relative to its share of the image (particles are islands, the background is the
     sea). Returns pixels at ``img``'s resolution, or ``None`` for a featureless image.
+
+    ``valid`` (optional, bool like ``img``): where the image was measured. Missing pixels
+    belong to neither phase, the edge of the valid region counts as the border, and a
+    particle's inscribed circle stops at missing pixels.
     """
     from scipy import ndimage as ndi
     from skimage.filters import threshold_otsu
 
+    if valid is not None and valid.all():
+        valid = None
+    if valid is not None and valid.sum() < 4 * _EST_MIN_AREA:
+        return None
     x = ndi.gaussian_filter(np.asarray(img, np.float32), 1.0)
-    lo, hi = np.percentile(x, [0.01, 99.99])  # a few particles may be a tiny fraction
+    seen = x if valid is None else x[valid]
+    lo, hi = np.percentile(seen, [0.01, 99.99])  # a few particles may be a tiny fraction
     if not hi > lo:
         return None
     x = np.clip((x - lo) / (hi - lo), 0, 1)
     try:
-        t = threshold_otsu(x)
+        t = threshold_otsu(x if valid is None else x[valid])
     except ValueError:
         return None
+    if valid is not None:  # the valid region's own edge: the image border or missing pixels
+        frame = valid & ~ndi.binary_erosion(valid, border_value=0)
     best = None
     for mask in (x > t, x < t):
-        frac = mask.mean()
+        if valid is None:
+            frac = mask.mean()
+            edge = np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]]).mean()
+        else:
+            mask &= valid
+            frac = mask[valid].mean()
+            edge = mask[frame].mean()
         if frac <= 0 or frac >= 1:
             continue
-        edge = np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]]).mean()
         islands = edge / frac  # < 1: the phase avoids the border, as particles do
         lab, n = ndi.label(mask)
         areas = np.bincount(lab.ravel())[1:]
@@ -202,6 +231,9 @@ def estimate_diameter(image: Any) -> float | None:
     side, and re-read at full resolution when the particles come out too small to measure
     there.
 
+    Non-finite pixels (NaN, +-inf) are missing: they belong to neither phase, and the
+    edge of the measured region counts as the image border.
+
     Parameters
     ----------
     image : array-like, shape (Y, X)
@@ -210,18 +242,23 @@ def estimate_diameter(image: Any) -> float | None:
     Returns
     -------
     float or None
-        Diameter in pixels of ``image``; ``None`` when no particle-like phase is found.
+        Diameter in pixels of ``image``; ``None`` when no particle-like phase is found (or
+        no pixel of it is finite).
     """
     shape = tuple(getattr(image, "shape", ()))
     if len(shape) != 2:
         raise ValueError(f"estimate_diameter needs a 2-D image (Y, X), got shape {shape}")
-    window = _read_window(image, 4 * _EST_SIDE)
-    small, f = _shrink(window, _EST_SIDE)
-    d = _inscribed_diameter(small)
+    window, valid = _read_window(image, 4 * _EST_SIDE)
+    if valid is not None and not valid.any():
+        return None  # nothing measured here
+    small, f, small_valid = _shrink(window, _EST_SIDE, valid)
+    d = _inscribed_diameter(small, small_valid)
     if f < 1.0:
         # particles a few pixels wide vanish when shrunk: measure a full-resolution crop too,
         # and trust it for all but particles too big for it
-        d_full = _inscribed_diameter(_read_window(window, _EST_SIDE))
+        crop, _ = _read_window(window, _EST_SIDE)
+        crop_valid = None if valid is None else _read_window(valid, _EST_SIDE)[0] > 0.5
+        d_full = _inscribed_diameter(crop, crop_valid)
         if d_full is not None and (d is None or d_full <= _EST_SIDE / 4):
             return d_full
     return None if d is None else d / f

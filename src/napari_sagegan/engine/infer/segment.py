@@ -27,6 +27,7 @@ import torch
 from ...util.progress import Progress, relay, run_to_end
 from ..checkpoint import load_segmenter
 from ..config import InferConfig
+from ..data.intensity import NoFiniteValue, has_finite, nonfinite_mask
 from ..device import describe_device, resolve_device
 from ..nets.attention_unet import (
     AttentionUNet,
@@ -36,6 +37,7 @@ from ..nets.attention_unet import (
 from .annotations import exclude as exclude_annotations
 from .annotations import find_annotations
 from .autoscale import LADDER, MIN_COUNT, search_scale
+from .confidence import particle_confidence
 from .postprocess import instances_from_maps
 from .scale import (
     ScaleInfo,
@@ -72,6 +74,13 @@ class SegmentResult:
         Burned-in annotations found and left out (scale bars, their labels, panel letters,
         SEM data bars): ``kind``, ``bbox`` (y0, x0, y1, x1), ``length_px`` for a scale bar,
         ``slice`` for a stack, and ``particles``: how many would-be particles they removed.
+    nonfinite : int
+        Pixels of the input that were NaN or infinite: treated as missing (the network saw
+        the image's finite median there) and background in ``labels`` (0 in the maps).
+    confidence : np.ndarray or None
+        Per-particle confidence in [0, 1], indexed by label (``confidence[label]``; ``NaN``
+        at 0), from the maps the labels were cut from
+        (:func:`~.confidence.particle_confidence`); always computed, maps kept or not.
     """
 
     labels: np.ndarray
@@ -81,6 +90,8 @@ class SegmentResult:
     device: str = "cpu"
     scale: ScaleInfo | None = None
     excluded: list[dict[str, Any]] = field(default_factory=list)
+    confidence: np.ndarray | None = None
+    nonfinite: int = 0
 
 
 def _round_up(value: int, divisor: int) -> int:
@@ -126,6 +137,27 @@ def check_image(image: Any) -> tuple[int, ...]:
     if np.dtype(getattr(image, "dtype", np.float32)).kind not in "uifb":
         raise ValueError(f"expected a numeric image, got dtype {image.dtype}")
     return shape
+
+
+def reference_slice(image: Any) -> int | None:
+    """The slice a stack's particle size is planned on: the middle one, or the nearest
+    with a finite pixel (``None`` for a 2-D image).
+
+    Raises
+    ------
+    NoFiniteValue
+        No pixel of the image is finite (all NaN or infinite): there is nothing to segment.
+    """
+    shape = check_image(image)
+    if len(shape) == 2:
+        if not has_finite(image):
+            raise NoFiniteValue()
+        return None
+    mid = shape[0] // 2
+    for z in sorted(range(shape[0]), key=lambda k: (abs(k - mid), k)):
+        if has_finite(image[z]):
+            return z
+    raise NoFiniteValue()
 
 
 class Segmenter:
@@ -236,8 +268,9 @@ class Segmenter:
         :class:`~.scale.ScaleInfo` with its confidence.
         """
         config = config or self.default_infer_config()
-        shape = check_image(image)
-        ref = image if len(shape) == 2 else image[shape[0] // 2]
+        check_image(image)
+        ref_z = reference_slice(image)
+        ref = image if ref_z is None else image[ref_z]
         info = self.plan_scale(ref, config)
         if not self._searches(info, config):
             return info
@@ -269,6 +302,13 @@ class Segmenter:
                 y0, x0, y1, x1 = box
                 sub = type(ann)(ann.mask[y0:y1, x0:x1], ann.items)
                 exclude_annotations(lab, sub)
+            missing = nonfinite_mask(crop)
+            if missing is not None:  # particles cut by missing pixels are not measured
+                from scipy import ndimage as ndi
+
+                cut = np.unique(lab[ndi.binary_dilation(missing)])
+                lab[np.isin(lab, cut[cut > 0])] = 0
+                lab[missing] = 0
             return lab
 
         found = yield from relay(
@@ -339,7 +379,8 @@ class Segmenter:
         """
         config = config or self.default_infer_config()
         shape = check_image(image)
-        ref = image if len(shape) == 2 else image[shape[0] // 2]
+        ref_z = reference_slice(image)
+        ref = image if ref_z is None else image[ref_z]
         info = self.plan_scale(ref, config)
         n = self._tiles(shape[-2:], config, info.factor)
         extra = self._rungs(shape[-2:]) if self._searches(info, config) else 0
@@ -357,14 +398,23 @@ class Segmenter:
         info: ScaleInfo,
         with_attention: bool,
         report,
-    ) -> Generator[Progress, None, tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]]:
+    ) -> Generator[Progress, None, tuple[np.ndarray, np.ndarray, list[dict[str, Any]], int]]:
         """Segment one 2-D plane at ``info``'s scale; ``report(ev)`` turns tile events into
-        the caller's events. Returns ``(labels, maps, excluded)``."""
+        the caller's events. Returns ``(labels, maps, excluded, n_missing)``.
+
+        Missing (non-finite) pixels are background in the labels and 0 in the maps; what
+        is left of a particle they cut is kept when it still has ``min_size`` pixels. A
+        plane with no finite pixel is not run through the network."""
+        has_dist = self.model.config.dist_head
+        missing = nonfinite_mask(plane)
+        if missing is not None and missing.all():
+            k = 1 + int(has_dist) + int(with_attention)
+            zeros = np.zeros((k, *missing.shape), np.float32)
+            return np.zeros(missing.shape, np.int32), zeros, [], int(missing.size)
         maps = yield from relay(
             self.predict_maps(plane, config, with_attention=with_attention, factor=info.factor),
             report,
         )
-        has_dist = self.model.config.dist_head
         min_size = config.min_size
         if abs(info.factor - 1.0) > 1e-6:  # min_size is in network pixels
             min_size = max(1, int(round(config.min_size / info.factor**2)))
@@ -377,19 +427,31 @@ class Segmenter:
             fill_holes=config.fill_holes,
             min_size=min_size,
         )
+        renumber = False
+        if missing is not None:
+            maps[:, missing] = 0
+            n_before = int(lab.max())
+            lab[missing] = 0
+            keep = np.bincount(lab.ravel(), minlength=n_before + 1) >= min_size
+            keep[0] = True
+            if not keep.all():  # particles gone, or cut down to specks
+                lab[~keep[lab]] = 0
+                renumber = True
         excluded: list[dict[str, Any]] = []
         if config.exclude_annotations:
             ann = find_annotations(plane)
             if ann.items:
                 gone = exclude_annotations(lab, ann)
-                if gone:
-                    from skimage.segmentation import relabel_sequential
-
-                    lab = relabel_sequential(lab)[0]
+                renumber = renumber or bool(gone)
                 excluded = [a.to_dict() for a in ann.items]
                 if excluded:
                     excluded[0]["particles"] = len(gone)
-        return lab.astype(np.int32, copy=False), maps, excluded
+        if renumber:
+            from skimage.segmentation import relabel_sequential
+
+            lab = relabel_sequential(lab)[0]
+        n_missing = int(missing.sum()) if missing is not None else 0
+        return lab.astype(np.int32, copy=False), maps, excluded, n_missing
 
     @staticmethod
     def _agreement(lab: np.ndarray, info: ScaleInfo, min_area: int) -> float:
@@ -428,7 +490,7 @@ class Segmenter:
         shape = check_image(image)
         slices = [None] if len(shape) == 2 else list(range(shape[0]))
         yx = shape[-2:]
-        ref_z = None if len(shape) == 2 else shape[0] // 2
+        ref_z = reference_slice(image)
         ref = image if ref_z is None else image[ref_z]
         info = scale if scale is not None else self.plan_scale(ref, config)
         searching = self._searches(info, config)
@@ -458,7 +520,7 @@ class Segmenter:
                 data={"stage": "scale", "device": self.device_name},
             )
 
-        first: tuple[np.ndarray, np.ndarray, list] | None = None
+        first: tuple[np.ndarray, np.ndarray, list, int] | None = None
         if searching:
             info = yield from self._search(ref, config, info, report_scale)
             state["done"] = rungs
@@ -513,19 +575,27 @@ class Segmenter:
         prob = dist = att = None
         offset = 0
         excluded: list[dict[str, Any]] = []
+        nonfinite = 0
+        scores: list[np.ndarray] = [np.full(1, np.nan, np.float32)]  # index 0: background
         for z in slices:
             if first is not None and z == ref_z:
-                lab, maps, ex = first
+                lab, maps, ex, n_missing = first
                 first = None
             else:
                 plane = image if z is None else image[z]
-                lab, maps, ex = yield from self._plane(
+                lab, maps, ex, n_missing = yield from self._plane(
                     plane, config, info, with_attention, report(z)
                 )
                 state["done"] += self._tiles(yx, config, info.factor)
+            nonfinite += n_missing
             for item in ex:
                 excluded.append(item if z is None else {**item, "slice": int(z)})
             n = int(lab.max())
+            # per-particle confidence, from the maps these labels were cut from
+            conf = particle_confidence(
+                lab, maps[0], maps[1] if has_dist else None, threshold=config.threshold
+            )
+            scores.append(conf[1:])  # the stack labels offset + 1 .. offset + n
             if z is None:
                 labels = lab
             else:
@@ -551,6 +621,8 @@ class Segmenter:
             device=self.device_name,
             scale=info,
             excluded=excluded,
+            confidence=np.concatenate(scores),
+            nonfinite=nonfinite,
         )
 
     def segment_sync(

@@ -173,11 +173,17 @@ def _pad_to(strip: np.ndarray, height: int, width: int) -> np.ndarray:
     return strip
 
 
-def _resolve_range(image: Any, value_range: tuple[float, float] | None) -> tuple[float, float]:
-    if value_range is None:
-        from ..data.intensity import robust_range
+def _resolve_range(
+    image: Any, value_range: tuple[float, float] | None
+) -> tuple[float, float, float | None]:
+    """``(lo, hi, fill)``: the grey levels mapped to -1 and +1 and the value missing
+    (non-finite) pixels get, the finite median's level (``None`` for an integer image,
+    which has none)."""
+    from ..data.intensity import fill_level, intensity_levels
 
-        lo, hi = robust_range(image)
+    floating = np.dtype(getattr(image, "dtype", np.float32)).kind in "fc"
+    if value_range is None:
+        lo, hi, mid = intensity_levels(image)
     else:
         try:
             lo, hi = value_range
@@ -185,13 +191,14 @@ def _resolve_range(image: Any, value_range: tuple[float, float] | None) -> tuple
             raise ValueError(
                 f"value_range must be a pair (low, high) of grey values, got {value_range!r}"
             ) from None
+        mid = intensity_levels(image)[2] if floating else None
     lo, hi = float(lo), float(hi)
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise ValueError(
             f"value_range must be two finite grey values (low, high) with low < high, got "
             f"({lo}, {hi}); leave it unset to use the image's robust percentiles"
         )
-    return lo, hi
+    return lo, hi, fill_level(lo, hi, mid) if floating else None
 
 
 class _StripAccumulator:
@@ -250,8 +257,10 @@ def _iter_tile_inputs(
     corners: list[tuple[int, int]],
     lo: float,
     hi: float,
+    fill: float | None = None,
 ) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Yield ``(y, x, tile)`` with ``tile`` float32 ``(th, tw)`` in [-1, 1], row-major.
+    """Yield ``(y, x, tile)`` with ``tile`` float32 ``(th, tw)`` in [-1, 1], row-major;
+    non-finite pixels get ``fill``.
 
     Only one normalised strip ``(th, Xp)`` is held at a time.
     """
@@ -263,7 +272,7 @@ def _iter_tile_inputs(
     for y, x in corners:
         if y != strip_y:
             raw = np.asarray(image[y : y + th, :])
-            strip = _pad_to(np.asarray(apply_range(raw, lo, hi), dtype=np.float32), th, tw)
+            strip = _pad_to(apply_range(raw, lo, hi, fill=fill), th, tw)
             strip_y = y
         yield y, x, strip[:, x : x + tw]
 
@@ -325,7 +334,10 @@ def predict_tiled(
         autocast, if wanted, is the caller's business.
     image : array-like, shape (Y, X)
         Raw grey values of any dtype: numpy array, ``np.memmap`` or dask array. Only one
-        strip of ``tile`` rows is read into memory at a time.
+        strip of ``tile`` rows is read into memory at a time. Non-finite pixels (NaN,
+        +-inf) are missing: the network sees the finite median's level there (see
+        :mod:`..data.intensity`); their maps are the network's guess, for the caller to
+        mask.
     tile_size : int
         Tile side, pixels; rounded up to ``divisor``, and shrunk to the image side (rounded
         up to ``divisor``) for small images.
@@ -379,13 +391,13 @@ def predict_tiled(
         raise ValueError(f"out_dtype must be a floating dtype (float32, float16), got {out_dtype}")
     th, tw = tile_sides(shape, tile_size, divisor)
     device = torch.device(device)
-    lo, hi = _resolve_range(image, value_range)
+    lo, hi, fill = _resolve_range(image, value_range)
 
     corners = tile_grid(shape, (th, tw), overlap)
     total = len(corners)
     clock = EtaClock(total)
     window = blend_window(th, tw)
-    tiles = _iter_tile_inputs(image, (th, tw), corners, lo, hi)
+    tiles = _iter_tile_inputs(image, (th, tw), corners, lo, hi, fill)
     accumulator: _StripAccumulator | None = None
     done = 0
     try:

@@ -36,7 +36,7 @@ F1 at IoU 0.5 (ties: Dice). The phase-1 segmenter is validated first and stays t
 unless phase 2 beats it. The generator is selected on validation SSIM of ``G(m)`` against
 the paired real image.
 
-This module is about 575 lines, over the house's ~500, because it keeps phase 2 in one place
+This module is about 600 lines, over the house's ~500, because it keeps phase 2 in one place
 to read: the equations above, the trainer's set-up, the fixed step vocabulary (``set_input``,
 ``forward``, ``backward_G``, ``backward_D``, ``optimize``), the generator's scoring and the
 three checkpoints it writes; each part uses the others' attributes, and splitting them would
@@ -66,6 +66,7 @@ from ..checkpoint import (
     GENERATOR,
     SEGMENTER,
     Checkpoint,
+    all_finite,
     state_on_cpu,
 )
 from ..config import GanConfig, InferConfig
@@ -97,6 +98,8 @@ class GanResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped_by: str = "epochs"
     out: Path | None = None
+    #: Iterations undone because a loss or the weights were not finite.
+    skipped_steps: int = 0
 
 
 # --------------------------------------------------------------------------- trainer
@@ -125,6 +128,10 @@ class GanTrainer(Fit):
         An explicit validation set; by default a seeded ``val_fraction`` of the pairs.
     gen_config, disc_config : optional
         Architectures (default: from ``config``).
+    init_generator : path, ``"default"`` or Checkpoint, optional
+        A generator to start ``G`` from (its architecture replaces ``config``'s), e.g. the
+        bundled one, pre-trained on many micrographs; by default ``G`` starts from random
+        weights. Not with ``resume``.
     """
 
     def __init__(
@@ -141,8 +148,13 @@ class GanTrainer(Fit):
         val_labels: Sequence[np.ndarray] | None = None,
         gen_config: GeneratorConfig | None = None,
         disc_config: DiscriminatorConfig | None = None,
+        init_generator: str | os.PathLike | Checkpoint | None = None,
     ) -> None:
         self._init_fit()
+        gen_init = None
+        if init_generator is not None and resume is None:
+            gen_init = Checkpoint.load(init_generator, kind=GENERATOR)
+            gen_config = GeneratorConfig.from_dict(dict(gen_init.arch))
         state = None
         if resume is not None:
             state = Checkpoint.load(resume, kind=GAN_STATE)
@@ -201,6 +213,10 @@ class GanTrainer(Fit):
             seed=cfg.train.seed + 1,
         )
         self.G = StyleUNetGenerator(self.gen_config).to(self.device)
+        if gen_init is not None:
+            self.G.load_state_dict({k: v.float() for k, v in gen_init.state_dict.items()})
+        #: where G started: ``"random"`` or the generator file
+        self.generator_source = "random" if gen_init is None else str(gen_init.source or "given")
         self.D_img = PatchDiscriminator(self.disc_config).to(self.device)
         self.D_mask = PatchDiscriminator(self.disc_config).to(self.device)
         adam = dict(lr=cfg.train.lr, betas=(cfg.beta1, cfg.beta2))
@@ -346,16 +362,25 @@ class GanTrainer(Fit):
         self.G.train()
         self.S.train()
         set_requires_grad(self.G, not frozen)
+        nets = (self.S, self.G, self.D_img, self.D_mask)
+        snap = self.snapshot(*nets)  # a step that is not finite is undone (Fit.finite_update)
         self.set_input(batch)
         self.forward(mix)
         self.opt_gs.zero_grad(set_to_none=True)
         parts = self.backward_G()
-        self.opt_gs.step()
+        gs_ok = self.finite_update(parts["loss"], self.opt_gs, snap, nets)
         self.opt_d_img.zero_grad(set_to_none=True)
         self.opt_d_mask.zero_grad(set_to_none=True)
-        parts.update(self.backward_D())
-        self.opt_d_img.step()
-        self.opt_d_mask.step()
+        if gs_ok:
+            parts.update(self.backward_D())
+            self.finite_update(
+                parts["d_img"] + parts["d_mask"],
+                (self.opt_d_img, self.opt_d_mask),
+                snap,
+                (self.D_img, self.D_mask),
+            )
+        else:  # the fakes came from undone weights: no discriminator step either
+            parts.update(d_img=math.nan, d_mask=math.nan)
         set_requires_grad(self.G, True)
         parts.update(mix=mix, frozen=float(frozen), synthetic=float(self.use_synth))
         self.step += 1
@@ -518,14 +543,17 @@ class GanTrainer(Fit):
         if epoch == 0 or epoch > self.config.select_after:
             self._improved = self.beats(metrics)
             if self._improved:
-                self.keep_best(metrics, self._seg_state())
-        self._gen_improved = epoch > self.config.freeze_epochs and (
-            not math.isfinite(ssim) or ssim >= self.best_ssim
+                self._improved = self.keep_best(metrics, self._seg_state())
+        gen_state = self._gen_state()
+        self._gen_improved = (
+            epoch > self.config.freeze_epochs
+            and (not math.isfinite(ssim) or ssim >= self.best_ssim)
+            and all_finite(gen_state.values())
         )
         if self._gen_improved:
             self.best_ssim = ssim if math.isfinite(ssim) else self.best_ssim
             self.gen_metrics = {"ssim": ssim, "epoch": float(epoch)}
-            self.best_gen_state = self._gen_state()
+            self.best_gen_state = gen_state
         elif self.best_gen_state is None:  # still frozen: report the current generator
             self.gen_metrics = {"ssim": ssim, "epoch": float(epoch)}
         return metrics
@@ -577,4 +605,5 @@ class GanTrainer(Fit):
             history=list(self.history),
             stopped_by=self.stopped_by,
             out=self.out,
+            skipped_steps=self.skipped_steps,
         )

@@ -168,22 +168,27 @@ class GeneratorTrainer(Fit):
         x = x.to(self.device)
         m = fg[:, None].float().to(self.device)
         self.G.train()
+        snap = self.snapshot(self.G, self.D)  # a step that is not finite is undone
         fake = self.G(m, mixing=c.style_mixing)
         set_requires_grad(self.D, False)
-        adv = c.w_adv_img * mse_to(self.D(diff_augment(fake, c.diffaug_p, generator=self.aug_gen)), 1.0)
+        adv = c.w_adv_img * mse_to(
+            self.D(diff_augment(fake, c.diffaug_p, generator=self.aug_gen)), 1.0
+        )
         l1 = c.w_id_l1 * F.l1_loss(fake, x)
         ssim_l = 0.5 * c.w_p * ms_ssim_loss(fake, x)
         loss = adv + l1 + ssim_l
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
-        self.opt_g.step()
+        g_ok = self.finite_update(loss.detach(), self.opt_g, snap)
         set_requires_grad(self.D, True)
-        real_s = self.D(diff_augment(x, c.diffaug_p, generator=self.aug_gen))
-        fake_s = self.D(diff_augment(fake.detach(), c.diffaug_p, generator=self.aug_gen))
-        d = 0.5 * (mse_to(real_s, 1.0) + mse_to(fake_s, 0.0))
         self.opt_d.zero_grad(set_to_none=True)
-        d.backward()
-        self.opt_d.step()
+        d = torch.tensor(math.nan)
+        if g_ok:  # the fakes of undone weights train no discriminator either
+            real_s = self.D(diff_augment(x, c.diffaug_p, generator=self.aug_gen))
+            fake_s = self.D(diff_augment(fake.detach(), c.diffaug_p, generator=self.aug_gen))
+            d = 0.5 * (mse_to(real_s, 1.0) + mse_to(fake_s, 0.0))
+            d.backward()
+            self.finite_update(d.detach(), self.opt_d, snap, (self.D,))
         self.step += 1
         return {
             "loss": float(loss.detach()),

@@ -19,6 +19,17 @@ them at every improvement).
 
 Selection is on validation instance F1 at IoU 0.5, ties broken by Dice
 (:meth:`Fit.beats`); without validation images the latest weights are kept.
+
+Numerics. A trainer applies each optimiser update through :meth:`Fit.finite_update`: when
+the loss, a gradient or a BatchNorm statistic is not finite (NaN / inf), or the update made
+a weight non-finite, the update is undone (the modules' weights and buffers are restored from
+:meth:`Fit.snapshot`, taken before the forward pass) and the step counts as *skipped*
+(:attr:`Fit.skipped_steps`, ``skipped_steps`` in the epoch's record when there were any).
+When :attr:`Fit.max_nonfinite_steps` steps in a row are skipped, or more than half of a run's
+steps, the latest ones, are skipped in a row when it ends, the run stops with
+:class:`TrainingDiverged`. Weights that are not finite are never kept as the best
+(:meth:`Fit.keep_best`) and validation scores that are not finite never count as an
+improvement (:meth:`Fit.beats`).
 """
 
 from __future__ import annotations
@@ -34,9 +45,14 @@ import torch
 
 from ...util.progress import Progress, run_to_end
 from ..analysis.metrics import evaluate_pair, mean_metrics
+from ..checkpoint import all_finite
 from ..config import InferConfig, TrainConfig
 from ..data.pairs import TrainingPairs, prepare_pairs
 from ..device import describe_device, resolve_device
+
+
+class TrainingDiverged(ValueError):
+    """Training stopped because its loss or weights stopped being finite numbers."""
 
 
 def seed_everything(seed: int) -> None:
@@ -114,6 +130,8 @@ class Fit:
     sampler: Any
     #: Record keys averaged over the epoch (``None``: every key of the step's losses).
     record_keys: tuple[str, ...] | None = None
+    #: Skipped (non-finite) steps in a row after which the run stops (:class:`TrainingDiverged`).
+    max_nonfinite_steps: int = 20
 
     def _setup(
         self,
@@ -150,6 +168,74 @@ class Fit:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.stopped_by = "epochs"  # "epochs" | "time"
         self.calibration: dict[str, Any] | None = None  # set by after_fit, if it calibrates
+        self.skipped_steps = 0  # updates undone because something was not finite
+        self._bad_run = 0  # skipped steps in a row
+        self._step_bad = False  # the current step skipped an update
+        self._step_guarded = False  # the current step went through finite_update
+
+    # ------------------------------------------------------------------ numerics
+    @staticmethod
+    def snapshot(*modules: torch.nn.Module) -> dict[torch.nn.Module, dict[str, torch.Tensor]]:
+        """Copies of the weights and buffers of ``modules`` (on their device), taken before a
+        step's forward pass so that :meth:`finite_update` can undo the step."""
+        with torch.no_grad():
+            return {m: {k: v.clone() for k, v in m.state_dict().items()} for m in modules}
+
+    @staticmethod
+    def restore(
+        snap: dict[torch.nn.Module, dict[str, torch.Tensor]],
+        modules: Sequence[torch.nn.Module] | None = None,
+    ) -> None:
+        """Copy a :meth:`snapshot` back into ``modules`` (default: all of it), in place."""
+        with torch.no_grad():
+            for m in snap if modules is None else modules:
+                current = m.state_dict()
+                for k, v in snap[m].items():
+                    current[k].copy_(v)
+
+    def finite_update(
+        self,
+        loss: torch.Tensor | float,
+        optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+        snap: dict[torch.nn.Module, dict[str, torch.Tensor]],
+        modules: Sequence[torch.nn.Module] | None = None,
+    ) -> bool:
+        """Step ``optimizers`` after a backward pass, unless something is not finite.
+
+        Checks that ``loss``, every gradient of the optimisers' parameters and every floating
+        buffer of ``modules`` (BatchNorm statistics, updated by the forward pass) are finite,
+        steps, and checks that the parameters still are. Otherwise ``modules`` (default: all
+        of ``snap``'s) are restored from ``snap``, the gradients cleared and the step marked
+        skipped. Returns whether the update was applied.
+        """
+        self._step_guarded = True
+        if isinstance(optimizers, torch.optim.Optimizer):
+            optimizers = (optimizers,)
+        modules = list(snap) if modules is None else list(modules)
+        params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+        ok = (
+            math.isfinite(float(loss))
+            and all_finite(p.grad for p in params if p.grad is not None)
+            and all_finite(b for m in modules for b in m.buffers())
+        )
+        if ok:
+            for opt in optimizers:
+                opt.step()
+            ok = all_finite(params)
+        if not ok:
+            self.restore(snap, modules)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            self._step_bad = True
+        return ok
+
+    def _diverged(self, done: int) -> TrainingDiverged:
+        lr = self.train_config.lr
+        return TrainingDiverged(
+            "training diverged: the loss or the weights were not finite (NaN or infinite) "
+            f"for {self._bad_run} steps in a row, up to step {done}; lower the learning rate "
+            f"(--lr, now {lr:g})"
+        )
 
     # ------------------------------------------------------------------ data
     @property
@@ -185,14 +271,22 @@ class Fit:
     # ------------------------------------------------------------------ selection
     def beats(self, metrics: dict[str, float]) -> bool:
         """Whether weights scoring ``metrics`` beat the best so far: higher F1@0.5, ties
-        broken by Dice; always when there are no validation metrics."""
-        return not metrics or (metrics["f1@0.5"], metrics["dice"]) > self.best_score
+        broken by Dice; always when there are no validation metrics; never when a score is
+        not finite."""
+        if not metrics:
+            return True
+        score = (metrics["f1@0.5"], metrics["dice"])
+        return all(math.isfinite(v) for v in score) and score > self.best_score
 
-    def keep_best(self, metrics: dict[str, float], state: dict[str, torch.Tensor]) -> None:
-        """Make ``state`` (a CPU copy of the weights) the best so far, scoring ``metrics``."""
+    def keep_best(self, metrics: dict[str, float], state: dict[str, torch.Tensor]) -> bool:
+        """Make ``state`` (a CPU copy of the weights) the best so far, scoring ``metrics``;
+        refused (``False``) when a weight or buffer of ``state`` is not finite."""
+        if not all_finite(state.values()):
+            return False
         self.best_score = (metrics.get("f1@0.5", 0.0), metrics.get("dice", 0.0))
         self.best_metrics = dict(metrics)
         self.best_state = state
+        return True
 
     # ------------------------------------------------------------------ hooks
     def before_fit(self, total: int) -> Iterator[Progress]:
@@ -241,13 +335,27 @@ class Fit:
         for epoch in range(self.start_epoch + 1, cfg.epochs + 1):
             sums: dict[str, float] = {}
             n = 0
+            skipped = 0
             out_of_time = False
             for _ in range(spe):
+                self._step_bad = self._step_guarded = False
                 parts = self.train_step(epoch)
+                if not self._step_guarded and not math.isfinite(float(parts.get("loss", 0.0))):
+                    self._step_bad = True  # a step without finite_update: cannot be undone
                 done += 1
-                n += 1
+                if self._step_bad:
+                    skipped += 1
+                    self.skipped_steps += 1
+                    self._bad_run += 1
+                    if self._bad_run >= self.max_nonfinite_steps:
+                        raise self._diverged(done)
+                else:
+                    self._bad_run = 0
+                    n += 1
                 for k in self.record_keys or parts:
-                    sums[k] = sums.get(k, 0.0) + parts[k]
+                    sums.setdefault(k, 0.0)
+                    if not self._step_bad:
+                        sums[k] += parts[k]
                 elapsed = time.perf_counter() - t0
                 eta = elapsed / done * (total - done)
                 if budget is not None:
@@ -258,15 +366,21 @@ class Fit:
                     total,
                     eta_s=eta,
                     message=f"epoch {epoch}/{cfg.epochs} step {done}/{total} "
-                    + self.step_note(parts),
+                    + self.step_note(parts)
+                    + (" (skipped: not finite)" if self._step_bad else ""),
                     data={"epoch": epoch, **parts},
                 )
                 yield from self.after_step(done, total)
                 if budget is not None and elapsed >= budget:
                     out_of_time = True
                     break
+            if epoch == cfg.epochs or out_of_time:
+                if self._bad_run * 2 > done:  # a short run that (mostly) never got a step
+                    raise self._diverged(done)
             record: dict[str, Any] = {"epoch": epoch, "step": self.step}
-            record.update({k: v / max(n, 1) for k, v in sums.items()})
+            record.update({k: v / n if n else math.nan for k, v in sums.items()})
+            if skipped:
+                record["skipped_steps"] = skipped
             if epoch % cfg.val_every == 0 or epoch == cfg.epochs or out_of_time:
                 message, improved = self.validate_epoch(epoch, record)
                 self.history.append(record)

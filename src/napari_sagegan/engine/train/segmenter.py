@@ -6,12 +6,19 @@ each optimisation step with the losses, ``stage="validate"`` after each validati
 and instance F1) that a caller can stop between any two events: the best model so far stays
 available in :attr:`SegmenterTrainer.best_state` and, when ``out`` is given, on disk.
 
-The loop (budget, ETA, validation, selection, history, cancel) is
+The loop (budget, ETA, validation, selection, history, cancel, non-finite steps) is
 :class:`~napari_sagegan.engine.train.loop.Fit`'s; this module defines the step (focal +
 Tversky + distance loss, Adam) and the validation. Model selection is on validation instance
 F1 at IoU 0.5 (ties broken by Dice); the learning
 rate is halved when that score has not improved for ``plateau_patience`` validations
 (``ReduceLROnPlateau`` in *max* mode, unlike the authors' code).
+
+An existing ``out`` file is replaced only by a better model: it must be a segmenter
+checkpoint (anything else is refused before training starts), it is scored on the same
+validation images first (at its own network scale and operating point), and the run writes
+``out`` only once its best model beats that score (F1@0.5, ties broken by Dice). Otherwise the
+old file stays and :attr:`TrainResult.kept` says why. ``overwrite=True`` replaces it anyway;
+resuming from ``out`` itself continues the run that wrote it.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import numpy as np
 import torch
 
 from ...util.progress import Progress, relay
-from ..checkpoint import SEGMENTER, Checkpoint, state_on_cpu
+from ..checkpoint import SEGMENTER, Checkpoint, CheckpointError, state_on_cpu
 from ..config import ArchConfig, InferConfig, TrainConfig
 from ..data.augment import AUGMENTATIONS
 from ..data.sampling import PatchSampler
@@ -42,8 +49,14 @@ class TrainResult:
     model: AttentionUNet
     best_metrics: dict[str, float]
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: The file this run wrote (``None``: nothing written, e.g. an existing ``out`` was kept).
     checkpoint: Path | None = None
     stopped_by: str = "epochs"  # "epochs" | "time"
+    #: Optimisation steps undone because the loss or the weights were not finite.
+    skipped_steps: int = 0
+    #: When an existing ``out`` was kept: ``{"path", "metrics"}`` (its validation scores, ``{}``
+    #: without validation images) and ``"new_metrics"`` (the new model's best).
+    kept: dict[str, Any] | None = None
 
 
 class SegmenterTrainer(Fit):
@@ -64,7 +77,11 @@ class SegmenterTrainer(Fit):
         A checkpoint written by a previous run with ``out``: continue from its epoch and
         optimiser state.
     out : str or path, optional
-        Where to write the best checkpoint (atomically, at every improvement).
+        Where to write the best checkpoint (atomically, at every improvement). An existing
+        file must be a segmenter checkpoint and is replaced only by a model that scores
+        better on the validation images (see the module docstring).
+    overwrite : bool
+        Replace an existing ``out`` whatever it holds and however the new model scores.
     device : str
         ``auto``, ``cpu``, ``cuda`` or ``mps``.
     val_images, val_labels : sequences, optional
@@ -89,15 +106,22 @@ class SegmenterTrainer(Fit):
         val_images: Sequence[np.ndarray] | None = None,
         val_labels: Sequence[np.ndarray] | None = None,
         infer: InferConfig | None = None,
+        overwrite: bool = False,
     ) -> None:
         self._init_fit()
         self.config = config or TrainConfig()
-        pairs = self._setup(
-            images, labels, self.config, device=device, val_images=val_images, val_labels=val_labels
-        )
         self.out = Path(out) if out is not None else None
         if self.out is not None and not self.out.parent.is_dir():
             raise FileNotFoundError(f"output folder {self.out.parent} does not exist")
+        #: The file at ``out`` before the run, to beat before replacing it (``None``: no file,
+        #: ``overwrite``, or the run resumed from it).
+        self.existing = None if overwrite else self._existing_out(resume)
+        self.existing_metrics: dict[str, float] | None = None  # scored in before_fit
+        self.written: Path | None = None  # the file this run wrote
+        self._validated = False  # a validation round ran in this run
+        pairs = self._setup(
+            images, labels, self.config, device=device, val_images=val_images, val_labels=val_labels
+        )
 
         ckpt = None
         if resume is not None:
@@ -122,6 +146,7 @@ class SegmenterTrainer(Fit):
             self.model = AttentionUNet(self.arch)
         self.infer = infer or InferConfig()
         self.train_config = self.config
+        self._pairs_own_scale = pairs
         self.pairs = pairs.at_scale(self.config.target_diameter)
         self.model.to(self.device)
         self.optimizer = torch.optim.Adam(
@@ -144,6 +169,65 @@ class SegmenterTrainer(Fit):
             seed=self.config.seed + self.start_epoch,
             scale_jitter=self.config.scale_jitter if self.config.target_diameter else 1.0,
         )
+
+    # ------------------------------------------------------------------ the file at out
+    def _existing_out(self, resume: str | os.PathLike | None) -> Checkpoint | None:
+        """The segmenter already at ``out`` (``None``: no file there, or the run resumes from
+        it); anything else there is refused before training."""
+        out = self.out
+        if out is None or not out.exists():
+            return None
+        if resume is not None and Path(resume).exists() and os.path.samefile(resume, out):
+            return None  # the run continues the one that wrote it
+        try:
+            return Checkpoint.load(out, kind=SEGMENTER)
+        except CheckpointError as err:
+            reason = str(err).strip().splitlines()[0].split("; ")[0].replace(str(out), "it")
+            raise CheckpointError(
+                f"{out} already exists and is not a usable segmenter model ({reason}); choose "
+                "another output file, or pass --overwrite to replace it"
+            ) from err
+
+    def _score_existing(self) -> dict[str, float]:
+        """Validation scores of the model already at ``out``, on the same validation images
+        (resampled to its own network scale) with its own post-processing settings."""
+        old = self.existing
+        assert old is not None
+        if not self.val_images:
+            return {}
+        pairs = self.pairs
+        if old.target_diameter != self.config.target_diameter:
+            pairs = self._pairs_own_scale.at_scale(old.target_diameter)
+        infer = self.infer
+        if old.infer:
+            own = InferConfig.from_dict(dict(old.infer))
+            infer = infer.replace(
+                threshold=own.threshold,
+                seed_threshold=own.seed_threshold,
+                split=own.split,
+                fill_holes=own.fill_holes,
+                min_size=own.min_size,
+            )
+        model = old.build().to(self.device)
+        return validate_segmenter(
+            model, pairs.val_images, pairs.val_labels, infer, device=self.device
+        )
+
+    def may_write_out(self) -> bool:
+        """Whether the best model so far may be written to ``out``: always unless a model was
+        there before the run, which it must beat on the validation images."""
+        if self.out is None:
+            return False
+        if self.existing is None:
+            return True
+        old = self.existing_metrics
+        if not old or not self.best_metrics or "f1@0.5" not in self.best_metrics:
+            return False  # nothing to compare on: keep the file the user had
+        return self.best_score > (old["f1@0.5"], old["dice"])
+
+    def _write_out(self, **fields: Any) -> None:
+        assert self.out is not None
+        self.written = self.save(self.out, **fields)
 
     # ------------------------------------------------------------------ models
     def validate(self) -> dict[str, float]:
@@ -216,16 +300,34 @@ class SegmenterTrainer(Fit):
 
     # ------------------------------------------------------------------ loop hooks
     def before_fit(self, total: int) -> Iterator[Progress]:
+        """Score the model already at ``out`` (it stays unless the new one beats it)."""
+        if self.existing is not None:
+            yield Progress("prepare", 0, None, message=f"scoring the model already at {self.out}")
+            self.existing_metrics = m = self._score_existing()
+            yield Progress(
+                "prepare",
+                1,
+                None,
+                message=(
+                    f"{self.out} exists (val Dice {m['dice']:.3f}, F1@0.5 {m['f1@0.5']:.3f}): "
+                    "it is replaced only by a model that scores higher"
+                    if m
+                    else f"{self.out} exists and there are no validation images to compare "
+                    "with: it is kept (use --overwrite to replace it)"
+                ),
+                data={"existing_metrics": dict(m)},
+            )
         self.model.train()
-        return iter(())
 
     def train_step(self, epoch: int) -> dict[str, float]:
         cfg = self.config
         x, fg, dist = (t.to(self.device) for t in self.sampler.sample(cfg.batch_size))
+        snap = self.snapshot(self.model)
         loss, parts = segmentation_loss(self.model(x), fg, dist, cfg)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        if torch.isfinite(loss):
+            loss.backward()
+        self.finite_update(loss.detach(), self.optimizer, snap)
         self.step += 1
         return {"loss": float(loss.detach()), **parts, "lr": self.optimizer.param_groups[0]["lr"]}
 
@@ -238,7 +340,7 @@ class SegmenterTrainer(Fit):
         if not metrics:  # no validation images: keep the latest model
             metrics = {"train_loss": record["loss"]}
         if improved:
-            self.keep_best(metrics, state_on_cpu(self.model))
+            improved = self.keep_best(metrics, state_on_cpu(self.model))
         message = (
             f"epoch {epoch}: loss {record['loss']:.4f}"
             + (
@@ -246,15 +348,32 @@ class SegmenterTrainer(Fit):
                 if "dice" in metrics
                 else ""
             )
-            + (" (best)" if improved else "")
+            + (
+                ""
+                if not improved
+                else " (best)"
+                if self.existing is None or self.may_write_out()
+                else f" (best of this run, not better than the existing {self.out.name}, "
+                "which stays)"
+            )
         )
         return message, improved
 
     def after_validation(self, epoch: int, improved: bool) -> None:
-        if improved and self.out is not None:
-            self.save(self.out, epoch=epoch, metrics=self.best_metrics)
+        self._validated = True
+        if improved and self.may_write_out():
+            self._write_out(epoch=epoch, metrics=self.best_metrics)
 
     def after_fit(self) -> Iterator[Progress]:
+        """Calibrate the best model's operating point (:meth:`calibrate_best`); then, when no
+        validation round wrote ``out`` (no epoch was left to run), write the model there."""
+        yield from self.calibrate_best()
+        if self.written is None and not self._validated and self.may_write_out():
+            self._write_out(
+                state=self.best_state, epoch=self.start_epoch, metrics=self.best_metrics
+            )
+
+    def calibrate_best(self) -> Iterator[Progress]:
         """Calibrate the best model's operating point on the validation images
         (``TrainConfig.calibrate``): thresholds that make the particle sizes unbiased, stored
         in the checkpoint's ``infer`` settings (engine/infer/calibrate.py)."""
@@ -280,9 +399,9 @@ class SegmenterTrainer(Fit):
         self.best_metrics = {**self.best_metrics, "calibrated_f1@0.5": point.f1}
         if point.size_bias is not None:
             self.best_metrics["calibrated_size_bias"] = point.size_bias
-        if self.out is not None:
-            self.save(
-                self.out, state=self.best_state, epoch=self._best_epoch(), metrics=self.best_metrics
+        if self.written is not None:
+            self._write_out(
+                state=self.best_state, epoch=self._best_epoch(), metrics=self.best_metrics
             )
         yield Progress("calibrate", 1, 1, message=point.describe(), data=point.to_dict())
 
@@ -293,10 +412,19 @@ class SegmenterTrainer(Fit):
         return int(self.history[-1]["epoch"]) if self.history else 0
 
     def result(self) -> TrainResult:
+        kept = None
+        if self.existing is not None and self.written is None:
+            kept = {
+                "path": self.out,
+                "metrics": dict(self.existing_metrics or {}),
+                "new_metrics": dict(self.best_metrics),
+            }
         return TrainResult(
             model=self.best_model(),
             best_metrics=self.best_metrics,
             history=self.history,
-            checkpoint=self.out,
+            checkpoint=self.written,
             stopped_by=self.stopped_by,
+            skipped_steps=self.skipped_steps,
+            kept=kept,
         )
