@@ -155,3 +155,92 @@ def test_export_all_labels_asks_before_overwriting(make_napari_viewer, qtbot, tm
     qtbot.waitUntil(lambda: not widget.is_running, timeout=10_000)
     assert not tifffile.imread(tmp_path / "a_labels.tif").any()
     assert len(pd.read_csv(tmp_path / "particles.csv")) == 6
+
+
+def test_particle_table_flags_particles_cut_by_the_border():
+    lab = labels_2d()
+    lab[0:5, 40:44] = 9  # touches the top edge
+    lab[60:64, 0:3] = 10  # the bottom-left corner
+    table = particle_table(lab)
+    cut = dict(zip(table["label"], table["touches_border"]))
+    assert cut == {1: False, 2: False, 3: False, 9: True, 10: True}
+    assert table["touches_border"].dtype == bool
+
+
+def test_npe2_writer_uses_the_recorded_pixel_size_without_a_scale(tmp_path):
+    """A Labels layer whose scale says pixels but whose metadata holds the pixel size (a
+    TIFF's calibration read by this plugin) is written with it."""
+    from napari.layers import Labels
+
+    from napari_sagegan.napari.writer import layer_scale_unit, write_labels
+
+    layer = Labels(labels_2d(), metadata={"pixel_size_nm": 0.8})
+    data, meta, _ = layer.as_layer_data_tuple()
+    (written,) = write_labels(str(tmp_path / "m.tif"), data, meta)
+    assert read_labels_scale(written) == (pytest.approx((0.8, 0.8)), "nm")
+    plain = Labels(labels_2d())
+    (written,) = write_labels(str(tmp_path / "p.tif"), *plain.as_layer_data_tuple()[:2])
+    assert read_labels_scale(written) == ((1.0, 1.0), None)
+    # a stack keeps its Z spacing; a layer in um keeps its unit
+    assert layer_scale_unit((3.0, 1.0, 1.0), ("pixel",) * 3, {"pixel_size_nm": 2.0}) == (
+        (3.0, 2.0, 2.0),
+        "nm",
+    )
+    assert layer_scale_unit((0.5, 0.5), ("um", "um"), {"pixel_size_nm": 2.0}) == (
+        (0.5, 0.5),
+        "µm",
+    )
+
+
+@pytest.mark.gui
+def test_export_ticks_segment_results_only_by_default(make_napari_viewer, qtbot, tmp_path):
+    from napari.utils.notifications import notification_manager
+
+    from napari_sagegan.napari._qt.export import ExportWidget
+    from napari_sagegan.napari.layers import META_KEY, labels_digest
+
+    viewer = make_napari_viewer()
+    lab = labels_2d()
+    viewer.add_image(np.zeros((64, 64), np.uint8), name="x", scale=(0.5, 0.5), units="nm")
+    result_meta = {META_KEY: {"image": "x", "digest": labels_digest(lab)}}
+    viewer.add_labels(lab, name="x labels", metadata=result_meta)  # Segment's: no scale
+    viewer.add_labels(lab, name="x ground truth")  # opened from a file
+    synth = {META_KEY: {"image": "SAGE-GAN synth 01", "synthetic": True, "digest": "0"}}
+    viewer.add_labels(lab, name="SAGE-GAN synth 01 labels", metadata=synth)
+    widget = ExportWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    assert widget.layer_list.count() == 3
+    assert widget.ticked() == ["x labels"]
+
+    assert widget.export_all(str(tmp_path)) is not None
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=10_000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["particles.csv", "x_labels.tif"]
+    # the labels carry no scale: the pixel size is their image's
+    assert read_labels_scale(tmp_path / "x_labels.tif") == ((0.5, 0.5), "nm")
+    csv = pd.read_csv(tmp_path / "particles.csv")
+    assert set(csv["layer"]) == {"x labels"} and (csv["pixel_size_nm"] == 0.5).all()
+    np.testing.assert_allclose(csv["equivalent_diameter_nm"], csv["equivalent_diameter_px"] * 0.5)
+    assert csv["touches_border"].dtype == bool
+
+    widget.tick("x ground truth")  # the user's choice is kept when layers change
+    viewer.add_labels(np.zeros_like(lab), name="x labels [1]", metadata=dict(result_meta))
+    assert widget.ticked() == ["x labels", "x ground truth", "x labels [1]"]
+    widget.tick_all(False)
+    assert widget.export_all(str(tmp_path)) is None
+    assert "No Labels layer is ticked" in notification_manager.records[-1].message
+    widget.tick("x ground truth")
+    widget.confirm_overwrite = lambda paths: True
+    assert widget.export_all(str(tmp_path)) is not None
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=10_000)
+    csv = pd.read_csv(tmp_path / "particles.csv")
+    assert set(csv["layer"]) == {"x ground truth"}
+    assert (csv["pixel_size_nm"] == 0.5).all()  # "<image> ground truth": its image's
+    assert read_labels_scale(tmp_path / "x_ground_truth.tif") == ((0.5, 0.5), "nm")
+    viewer.add_labels(lab, name="drawn")  # belongs to no image: nothing known
+    widget.tick_all(False)
+    widget.tick("drawn")
+    assert widget.export_all(str(tmp_path)) is not None
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=10_000)
+    csv = pd.read_csv(tmp_path / "particles.csv")
+    assert csv["pixel_size_nm"].isna().all() and "area_nm2" not in csv
+    assert read_labels_scale(tmp_path / "drawn.tif") == ((1.0, 1.0), None)

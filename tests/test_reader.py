@@ -95,3 +95,37 @@ def test_damaged_file_raises_a_clear_value_error(tmp_path):
     reader = get_reader(str(path))
     with pytest.raises(ValueError, match="damaged.mrc.*truncated or damaged"):
         reader(str(path))
+
+
+def test_tiff_layers_read_by_napari_get_the_file_calibration(tmp_path):
+    """napari's own TIFF reader drops the FEI / ImageJ pixel size: the docks write it into
+    the layer from layer.source.path (napari_sagegan.napari.calibration), and into the
+    layers that belong to it."""
+    from napari.layers import Image, Labels
+    from napari.layers._source import layer_source
+
+    from napari_sagegan.io.pixel_size import read_pixel_size
+    from napari_sagegan.napari.calibration import calibrate_from_file
+
+    path = tmp_path / "fei.tif"
+    write_fei_tif(path, micrograph(dtype=np.uint8))
+    expected = read_pixel_size(path)
+    assert expected.known
+    with layer_source(path=str(path), reader_plugin="napari"):
+        image = Image(tifffile.imread(path), name="fei")
+    truth = Labels(np.zeros(image.data.shape, np.int32), name="fei ground truth")
+    other = Labels(np.zeros(image.data.shape, np.int32), name="unrelated")
+    assert calibrate_from_file(image, [image, truth, other]) == pytest.approx(expected.nm)
+    for layer in (image, truth):
+        assert tuple(layer.scale) == pytest.approx((expected.nm, expected.nm))
+        assert [str(u) for u in layer.units] == ["nanometer", "nanometer"]
+        assert layer.metadata["pixel_size_nm"] == pytest.approx(expected.nm)
+        assert layer.metadata["pixel_size_source"] == expected.source
+    assert tuple(other.scale) == (1.0, 1.0)
+    assert calibrate_from_file(image, [image]) is None  # already calibrated: left as it is
+
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, micrograph(dtype=np.uint8))
+    with layer_source(path=str(plain), reader_plugin="napari"):
+        layer = Image(tifffile.imread(plain))
+    assert calibrate_from_file(layer) is None and tuple(layer.scale) == (1.0, 1.0)

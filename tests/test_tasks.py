@@ -220,8 +220,8 @@ def test_training_sets_and_phase2_live_in_the_viewer_state():
     candidates = layers.candidate_pairs(viewer_layers)
     assert [c.name for c in candidates] == ["a labels", "s labels", "orphan labels"]
     st = state.ViewerState()
-    rows = st.augment_set.rows(candidates)  # real pairs ticked, generated ones not
-    assert [(c.name, t) for c, t in rows] == [("a labels", True), ("s labels", False)]
+    rows = st.augment_set.rows(candidates)  # as fine-tuning: only corrected ones ticked
+    assert [(c.name, t) for c, t in rows] == [("a labels", False), ("s labels", False)]
     assert [(c.name, t) for c, t in st.retrain_set.rows(candidates)] == [
         ("a labels", False), ("s labels", False)]  # fmt: skip
 
@@ -253,7 +253,9 @@ def test_training_sets_and_phase2_live_in_the_viewer_state():
 def test_missing_default_model_says_what_to_do(monkeypatch, tmp_path):
     import napari_sagegan.engine.checkpoint as ckpt
 
-    monkeypatch.setattr(ckpt, "default_model_path", lambda: tmp_path / "default.pt")
+    monkeypatch.setattr(
+        ckpt, "default_model_path", lambda kind="segmenter": tmp_path / "default.pt"
+    )
     entry = state.ModelStore().current
     with pytest.raises(FileNotFoundError, match="Load model"):
         entry.check_available()

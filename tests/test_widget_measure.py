@@ -72,6 +72,24 @@ def test_measures_the_labels_layer_and_exports_a_csv(viewer_and_widget, tmp_path
     assert (tmp_path / "table.summary.json").exists()
 
 
+def test_measuring_keeps_the_network_confidence(viewer_and_widget):
+    """Segment's per-particle confidence in the layer's features survives Measure (the
+    Proofread dock ranks particles by it)."""
+    import pandas as pd
+
+    viewer, widget, labels = viewer_and_widget
+    ids = np.unique(labels)[1:]
+    conf = np.linspace(0.2, 0.9, len(ids))
+    layer = viewer.layers["particles"]
+    layer.features = pd.DataFrame({"label": ids, "confidence": conf})
+    widget.image_combo.setCurrentText("micrograph")
+    result = widget.run(blocking=True)
+    features = layer.features
+    assert "equivalent_diameter_nm" in features and len(features) == len(result.table)
+    back = dict(zip(features["label"], features["confidence"]))
+    assert [back[i] for i in ids] == pytest.approx(list(conf))
+
+
 def test_colour_by_property_and_reset(viewer_and_widget):
     from napari.utils.colormaps import DirectLabelColormap
 
@@ -105,12 +123,19 @@ def test_worker_thread_delivers_the_result(viewer_and_widget, qtbot):
 def test_pixel_size_follows_the_chosen_layers(viewer_and_widget):
     viewer, widget, labels = viewer_and_widget
     assert widget.pixel_size.value() == pytest.approx(2.0)
+    # labels of unknown origin: the one image of their shape is taken
+    assert widget.image_combo.currentText() == "micrograph"
     viewer.add_labels(labels, name="uncalibrated")
     assert widget.pixel_size.value() == pytest.approx(2.0)  # adding a layer changes nothing
     widget.labels_combo.setCurrentText("uncalibrated")
-    assert widget.pixel_size.value() == 0.0  # no calibration anywhere: pixels
-    widget.image_combo.setCurrentText("micrograph")
+    assert widget.image_combo.currentText() == "micrograph"  # of their shape: kept
     assert widget.pixel_size.value() == pytest.approx(2.0)  # the image's scale is in nm
+    widget.image_combo.setCurrentText("(none)")
+    assert widget.pixel_size.value() == 0.0  # no calibration anywhere: pixels
+    assert "pixel size unknown" in widget.warning.text() and not widget.warning.isHidden()
+    widget.image_combo.setCurrentText("micrograph")
+    assert widget.pixel_size.value() == pytest.approx(2.0)
+    assert widget.warning.isHidden()
     widget.pixel_size.setValue(3.5)  # typed in: kept while the layers stay
     viewer.add_image(np.zeros((4, 4)), name="other")
     assert widget.pixel_size.value() == pytest.approx(3.5)

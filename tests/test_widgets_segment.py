@@ -76,10 +76,15 @@ def test_segment_counts_particles_and_measures_them(make_napari_viewer, qtbot, t
     assert bar.maximum() > 1 and bar.value() == bar.maximum()
     assert "8 particles" in widget.result_label.text()
     assert widget.run_button.isEnabled()
-    # a second run with other settings refreshes the unedited layer instead of adding one
+    # a second run adds a new layer by default (issue 16.3: nothing replaced silently), and
+    # the result line names the layer napari really made
+    first = layer
     widget.threshold_spin.setValue(0.6)
     run_and_wait(qtbot, widget)
-    assert [ly.name for ly in viewer.layers] == ["discs", "discs labels"]
+    assert [ly.name for ly in viewer.layers] == ["discs", "discs labels", "discs labels [1]"]
+    assert viewer.layers["discs labels"] is first and np.array_equal(first.data, layer.data)
+    assert widget.result_label.text().startswith("discs labels [1]: 8 particles")
+    assert "'discs labels' kept" in widget.result_label.text()
 
 
 def test_batch_over_three_layers(make_napari_viewer, qtbot, tiny_model):
@@ -141,7 +146,9 @@ def test_bad_inputs_are_reported_not_crashed(make_napari_viewer, qtbot, messages
     import napari_sagegan.engine.checkpoint as ckpt
 
     # as in an installation without the bundled model (checked before the widget opens)
-    monkeypatch.setattr(ckpt, "default_model_path", lambda: ckpt.Path("/nonexistent.pt"))
+    monkeypatch.setattr(
+        ckpt, "default_model_path", lambda kind="segmenter": ckpt.Path("/nonexistent.pt")
+    )
     viewer = make_napari_viewer()
     widget = make_widget(viewer)
     assert widget.run() is None  # no layers at all

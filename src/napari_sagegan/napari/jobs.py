@@ -9,12 +9,17 @@ and turns the api's results into what the docks add to the viewer. No Qt, no nap
 
 - :func:`segment_layers`: :func:`napari_sagegan.api.segment`, one
   :class:`~napari_sagegan.napari.layers.LayerResult` per image as soon as it is done.
+- :func:`segment_folder`: :func:`napari_sagegan.api.segment` over a folder of files, written
+  as ``sagegan segment --csv`` writes them; an image that fails is reported and skipped
+  (:class:`FolderReport`).
 - :func:`estimate_size`: :func:`napari_sagegan.api.estimate_size`, the particle size of one
   image layer before segmenting it (and a scale bar's pixel-size proposal).
 - :class:`FineTune`: :func:`napari_sagegan.api.fine_tune`; Cancel keeps the best model so
   far (:meth:`FineTune.result`).
 - :class:`Augment`: :func:`napari_sagegan.api.augment` (phase 2), the same way.
-- :func:`generate_pairs`: :func:`napari_sagegan.api.generate`.
+- :func:`generate_pairs`: :func:`napari_sagegan.api.generate`; :func:`generate_layers`
+  turns the pairs into layer data in the worker; :func:`suggest_layout` picks the layout
+  that suits the training masks.
 - :func:`export_plan` / :func:`export_layers`: every Labels layer to a Fiji-ready TIFF, plus
   one particle CSV (no api capability covers this: it is the viewer's "export all").
 - :func:`warm_up`: the imports a worker would otherwise make (they stall the GUI).
@@ -22,14 +27,27 @@ and turns the api's results into what the docks add to the viewer. No Qt, no nap
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import time
 from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from napari_sagegan.napari.layers import ADVICE_OPEN, ImageInput, LayerResult, TrainingPair
+from napari_sagegan.napari.layers import (
+    ADVICE_OPEN,
+    ImageInput,
+    LayerData,
+    LayerResult,
+    TrainingPair,
+    display_labels,
+    labels_digest,
+    synthetic_layer_data,
+)
 from napari_sagegan.napari.state import ModelEntry
 from napari_sagegan.util.progress import Progress, relay
 
@@ -129,15 +147,17 @@ def segment_layers(
     ------
     Progress
         The api's events; ``stage="image"`` events carry ``data["result"]`` as a
-        :class:`LayerResult` (with its particle table), so finished images survive Cancel,
-        and ``data["annotations"]``: a line naming the burned-in annotations left out
-        (``""`` when none).
+        :class:`LayerResult` (with its particle table, its labels in their display dtype
+        and their fingerprint, all made here in the worker), so finished images survive
+        Cancel, and ``data["annotations"]``: a line naming the burned-in annotations left
+        out (``""`` when none).
 
     Returns
     -------
     list of LayerResult
     """
     from napari_sagegan import api
+    from napari_sagegan.engine.infer.confidence import with_confidence
     from napari_sagegan.io.export import particle_table
     from napari_sagegan.io.pixel_size import PixelSize
 
@@ -154,14 +174,16 @@ def segment_layers(
         if ev.stage != "image" or res is None:
             return ev
         im = by_name[res.name]
+        shown = display_labels(res.labels)  # uint16: napari maps int32 on the main thread
         result = LayerResult(
             image=im,
-            labels=res.labels,
-            features=particle_table(res.labels, im.scale, im.unit),
+            labels=shown,
+            features=with_confidence(particle_table(res.labels, im.scale, im.unit), res),
             attention=res.attention,
             model=entry.name,
             device=res.device,
             scale=res.scale,
+            digest=labels_digest(shown),
         )
         results.append(result)
         return Progress(ev.stage, tiles[0], tiles[1], tiles[2], ev.message,
@@ -185,6 +207,209 @@ def segment_layers(
             as_layer,
         )
     return results
+
+
+@dataclass
+class FolderReport:
+    """What :func:`segment_folder` did.
+
+    Attributes
+    ----------
+    folder, out : Path
+        The input folder and the output folder.
+    done : list of (str, int)
+        The images written, with their particle counts.
+    failed : list of (str, str)
+        The images that could not be segmented, with the reason.
+    n_images : int
+        Images found in the folder.
+    cancelled : bool
+        Stopped by the user (the images done so far are written).
+    """
+
+    folder: Path
+    out: Path
+    done: list[tuple[str, int]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    n_images: int = 0
+    cancelled: bool = False
+
+    def describe(self) -> str:
+        """One line: ``"5 of 6 images segmented (812 particles), 1 failed -> OUT"``."""
+        n = sum(k for _, k in self.done)
+        s = "s" if self.n_images != 1 else ""
+        line = f"{len(self.done)} of {self.n_images} image{s} segmented ({n} particles)"
+        if self.failed:
+            line += f", {len(self.failed)} failed"
+        if self.cancelled:
+            line += ", the rest cancelled"
+        return f"{line} -> {self.out}"
+
+
+def _check_folders(folder: Path, out: Path, files: Sequence[Path]) -> None:
+    """Refuse an output folder whose files would replace an input (or be read as one)."""
+    stems = [f.stem for f in files]
+    dupes = sorted({s for s in stems if stems.count(s) > 1})
+    if dupes:
+        raise ValueError(
+            f"several images in {folder} share the name {dupes[0]!r} (e.g. .tif and .png); "
+            "their outputs would overwrite each other: rename them or move one away"
+        )
+    same = out.exists() and os.path.samefile(out, folder)
+    if same or out.resolve() == folder.resolve():
+        raise ValueError(
+            f"the output folder is the input folder {folder}: the label TIFFs would sit among "
+            "(or replace) the micrographs; choose another output folder"
+        )
+
+
+def segment_folder(
+    entry: ModelEntry,
+    folder: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    device: str = "auto",
+    infer: dict | None = None,
+    diameter: float | None = None,
+    diameter_nm: float | None = None,
+    pixel_size: float | None = None,
+    threads: int | None = None,
+) -> Generator[Progress, None, FolderReport]:
+    """Segment every image file of ``folder`` into ``out``, as ``sagegan segment --csv``.
+
+    Each image goes through :func:`napari_sagegan.api.segment` on its own (read, segmented
+    and written one at a time: nothing is kept in memory, nothing reaches the viewer):
+    ``OUT/<stem>.tif`` (labels, calibrated when the pixel size is known),
+    ``OUT/<stem>.csv`` + ``OUT/<stem>.summary.json``, and one ``OUT/segment_report.json``
+    for all (the entries ``sagegan segment`` writes, plus ``failed``: the images that
+    could not be segmented and why). An image that fails (unreadable, not grayscale, no
+    pixel size for a size in nm, out of memory) is reported and skipped. Everything is
+    staged and moved into ``out`` at the end; a Cancel writes the images done so far with
+    their report.
+
+    Parameters
+    ----------
+    entry : ModelEntry
+        The model.
+    folder : path
+        A folder of micrographs (TIFF, PNG, JPEG, BMP, DM3/DM4, EMD, SER, MRC; not
+        recursive).
+    out : path
+        The output folder (created if needed; not the input folder).
+    device, infer, diameter, diameter_nm, threads
+        As for :func:`segment_layers`.
+    pixel_size : float, optional
+        nm per pixel of every image, overriding the files (``--pixel-size``).
+
+    Yields
+    ------
+    Progress
+        ``prepare`` (per image: the device); ``tiles`` with ``step`` / ``total`` counting
+        images (``data["fraction"]``: images done, the current one in fractions) and an ETA
+        over the folder; ``segmented`` when an image's files are written; ``image`` after
+        each image with ``data["result"]`` (a :class:`napari_sagegan.api.Segmented`, labels
+        not kept) or ``data["error"]``.
+
+    Returns
+    -------
+    FolderReport
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        No such folder, no image in it, clashing names, or the output folder is the input
+        folder (before anything is segmented).
+    """
+    from napari_sagegan import api
+    from napari_sagegan.io.em import EM_SUFFIXES
+    from napari_sagegan.io.images import IMAGE_SUFFIXES, list_images
+    from napari_sagegan.io.tables import write_json
+    from napari_sagegan.util.files import new_folder, staged_folder
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"the input folder {folder} does not exist: choose a folder")
+    suffixes = IMAGE_SUFFIXES + EM_SUFFIXES
+    files = list_images([folder], suffixes)
+    if not files:
+        raise ValueError(
+            f"{folder} holds no image file ({', '.join(s.lstrip('.') for s in suffixes)}): "
+            "choose a folder of micrographs"
+        )
+    out = new_folder(out, what="the output folder")
+    _check_folders(folder, out, files)
+    n = len(files)
+    report = FolderReport(folder, out, n_images=n)
+    model = entry.source if entry.source != "memory" else "memory"
+    t0 = time.perf_counter()
+    yield Progress("prepare", 0, n, message=f"segmenting {n} images of {folder} ...")
+
+    with _threads(threads), staged_folder(out) as staging:
+        seg = entry.segmenter(device)
+        reports: list[dict] = []
+        try:
+            for i, f in enumerate(files):
+
+                def overall(ev: Progress, i: int = i, f: Path = f) -> Progress:
+                    if ev.stage != "tiles":  # "prepare", and "image" (reported below, once)
+                        stage = "prepare" if ev.stage == "prepare" else "segmented"
+                        data = {k: v for k, v in ev.data.items() if k != "result"}
+                        return Progress(stage, i, n, None, ev.message, data)
+                    d = ev.data
+                    frac = d.get("image_step", 0) / max(d.get("image_total") or 1, 1)
+                    done = i + min(frac, 1.0)
+                    elapsed = time.perf_counter() - t0
+                    eta = elapsed / done * (n - done) if done > 0 else None
+                    return Progress(
+                        "tiles", i, n, eta, f"{f.name} ({i + 1}/{n}): {ev.message}",
+                        {**d, "fraction": done},
+                    )  # fmt: skip
+
+                part = staging / f".image-{i:05d}"
+                try:
+                    (result,) = yield from relay(
+                        api.segment(
+                            [f], model=seg, device=device, diameter=diameter,
+                            diameter_nm=diameter_nm, pixel_size=pixel_size, infer=infer,
+                            out=part, csv=True, keep_labels=False,
+                        ),
+                        overall,
+                    )  # fmt: skip
+                except (ValueError, OSError, MemoryError) as err:  # this image only
+                    shutil.rmtree(part, ignore_errors=True)
+                    reason = str(err) or type(err).__name__
+                    report.failed.append((f.name, reason))
+                    yield Progress(
+                        "image", i + 1, n, message=f"{f.name}: failed: {reason}",
+                        data={"image": f.name, "error": reason},
+                    )  # fmt: skip
+                    continue
+                for item in part.iterdir():
+                    if item.name != api.REPORT_NAME:
+                        os.replace(item, staging / item.name)
+                shutil.rmtree(part, ignore_errors=True)
+                reports.append(result.report())
+                report.done.append((f.name, int(result.n_particles)))
+                yield Progress(
+                    "image", i + 1, n, message=f"{f.name}: {result.n_particles} particles",
+                    data={"image": f.name, "result": result},
+                )  # fmt: skip
+        except GeneratorExit:  # Cancel: keep the images done, with their report
+            report.cancelled = True
+            for left in staging.glob(".image-*"):
+                shutil.rmtree(left, ignore_errors=True)
+        write_json(
+            staging / api.REPORT_NAME,
+            {
+                "format": api.REPORT_FORMAT,
+                "version": api.REPORT_VERSION,
+                "model": str(model),
+                "images": reports,
+                "failed": [{"file": name, "error": why} for name, why in report.failed],
+                "cancelled": report.cancelled,
+            },
+        )
+    return report
 
 
 def estimate_size(
@@ -242,6 +467,9 @@ class _Training:
     base_keyword: str
     #: What to do when the pairs are not usable (shown with the error).
     advice: str
+    #: The budget is a number of steps (epochs x steps per epoch) as well as a time limit;
+    #: ``False`` for a run the time limit is meant to end (phase 2 in the dock).
+    budget_in_steps = True
 
     def __init__(
         self,
@@ -260,6 +488,8 @@ class _Training:
         self.device = device
         self.threads = threads
         self.trainer: Any = None
+        #: The last ``train`` event's (step, total).
+        self.steps: tuple[int, int | None] = (0, None)
 
     def _start(self) -> Generator[Progress, None, Any]:
         from napari_sagegan import api
@@ -282,6 +512,9 @@ class _Training:
         return tr if tr is not None and tr.history else None
 
     def _keep_trainer(self, ev: Progress) -> Progress:
+        if ev.stage == "train":
+            self.steps = (int(ev.step), ev.total)
+        self.watch(ev)
         trainer = ev.data.get("trainer")
         if trainer is None:
             return ev
@@ -289,11 +522,36 @@ class _Training:
         data = {k: v for k, v in ev.data.items() if k != "trainer"}  # not through Qt
         return Progress(ev.stage, ev.step, ev.total, ev.eta_s, ev.message, data)
 
+    def watch(self, ev: Progress) -> None:
+        """See every event (worker thread); a subclass keeps what it needs."""
+
     def run(self) -> Generator[Progress, None, Any]:
         """Yield ``prepare``, then the trainer's events; return :meth:`result`."""
         with _threads(self.threads):
             yield from relay(self._start(), self._keep_trainer)
         return self.result()
+
+    @property
+    def time_limit_minutes(self) -> float | None:
+        """The run's time budget (minutes), or ``None``."""
+        cfg = getattr(self.config, "train", self.config)
+        minutes = getattr(cfg, "max_minutes", None)
+        return float(minutes) if minutes else None
+
+    def stopped_at_limit(self) -> bool:
+        """Whether the time budget, not the number of epochs, ended the run."""
+        return getattr(self.trainer, "stopped_by", None) == "time"
+
+    def limit_text(self) -> str:
+        """``"stopped at the 1-minute limit after 130 of 200 steps"`` when the time budget
+        ended the run, else ``""``."""
+        if not self.stopped_at_limit():
+            return ""
+        step, total = self.steps
+        of = f" of {total}" if total and self.budget_in_steps else ""
+        limit = minutes_text(self.time_limit_minutes)
+        steps = "steps" if (total if of else step) != 1 else "step"
+        return f"stopped at the {limit} limit after {step}{of} {steps}"
 
     def result(self) -> Any:  # pragma: no cover (abstract)
         raise NotImplementedError
@@ -350,6 +608,42 @@ class Augment(_Training):
     """
 
     api_function, base_keyword, advice = "augment", "seg", ADVICE_AUGMENT
+    budget_in_steps = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Validation F1@0.5 of the starting segmenter (epoch 0), when validated.
+        self.start_f1: float | None = None
+        #: The best validation F1@0.5 of phase 2's own epochs so far.
+        self.best_f1: float | None = None
+        #: Whether an epoch of phase 2 beat the starting segmenter.
+        self.beat_start = False
+        #: The layout suggested for the training masks (:func:`suggest_layout`), set at the
+        #: end of a run.
+        self.layout: tuple[str, str] | None = None
+
+    def watch(self, ev: Progress) -> None:
+        if ev.stage != "validate":
+            return
+        f1 = ev.data.get("val_f1@0.5")
+        if int(ev.data.get("epoch", 0)) == 0:
+            self.start_f1 = f1
+            return
+        if f1 is not None and (self.best_f1 is None or f1 > self.best_f1):
+            self.best_f1 = f1
+        self.beat_start |= bool(ev.data.get("improved"))
+
+    def improved(self) -> bool | None:
+        """Whether the segmenter kept is phase 2's (``False``: the starting one is kept;
+        ``None``: no validation images, the last weights are kept)."""
+        if self.start_f1 is None:
+            return None
+        return self.beat_start
+
+    def run(self) -> Generator[Progress, None, Any]:
+        result = yield from super().run()
+        self.layout = suggest_layout(self.source_labels())
+        return result
 
     def result(self) -> tuple[Any, Any] | None:
         """``(segmenter checkpoint, generator checkpoint)`` of the best so far, or ``None``."""
@@ -359,6 +653,42 @@ class Augment(_Training):
     def source_labels(self) -> list[np.ndarray]:
         """The training masks (network scale): the layouts of new pairs are drawn from them."""
         return list(self.trainer.train_labels) if self.trainer is not None else []
+
+
+def suggest_layout(labels: Sequence[np.ndarray]) -> tuple[str, str]:
+    """The mask layout that suits the training masks, and why (one line).
+
+    A ``lattice`` fills the whole field at the masks' median nearest-neighbour spacing: on a
+    dispersed sample (clusters, empty areas) that makes two to three times more particles
+    than the masks hold. The masks are called ordered when they hold at least 60 % of the
+    particles a hexagonal lattice at their spacing would (ordered monolayers: 75-85 %;
+    dispersed particles and agglomerates: 30-40 %); then ``lattice`` is suggested, else
+    ``real`` (the training masks, transformed).
+    """
+    from napari_sagegan.engine.synthetic.layouts import fit_stats
+
+    masks = [np.asarray(m) for m in labels if np.any(np.asarray(m))]
+    if not masks:
+        return "real", ""
+    try:
+        stats = fit_stats(masks)
+    except ValueError:
+        return "real", ""
+    area = sum(m.size for m in masks)
+    n = sum(len(np.unique(m)) - 1 for m in masks)
+    spacing = float(stats["spacing"])
+    lattice = 2.0 / (np.sqrt(3.0) * spacing**2) * area  # hexagonal sites at that spacing
+    ratio = n / max(lattice, 1.0)
+    if ratio >= 0.6:
+        return "lattice", (
+            f"the masks look ordered ({n} particles, {ratio:.0%} of a lattice at their "
+            f"{spacing:.0f} px spacing): 'lattice' suits them"
+        )
+    return "real", (
+        f"the masks hold {n} particles where a lattice at their {spacing:.0f} px spacing "
+        f"would hold about {lattice:.0f} (a dispersed sample): 'real' or 'paste' keep "
+        "their density; 'lattice' would over-fill the field"
+    )
 
 
 def generate_pairs(
@@ -386,6 +716,30 @@ def generate_pairs(
                 device=device,
             )  # fmt: skip
         )
+
+
+def generate_layers(
+    generator: Any,
+    source_labels: Sequence[np.ndarray],
+    n: int,
+    *,
+    start: int = 1,
+    **kwargs: Any,
+) -> Generator[Progress, None, list[LayerData]]:
+    """:func:`generate_pairs`, returned as Image + Labels layer data numbered from ``start``
+    (:func:`~napari_sagegan.napari.layers.synthetic_layer_data`: contrast limits from the
+    grey levels, labels in their display dtype), all made here in the worker."""
+    pairs = yield from generate_pairs(generator, source_labels, n, **kwargs)
+    return synthetic_layer_data(pairs, start)
+
+
+def minutes_text(minutes: float | None) -> str:
+    """``"1-minute"``, ``"2.5-minute"``, ``"30-second"``: a time limit as an adjective."""
+    if not minutes:
+        return "time"
+    if minutes < 1:
+        return f"{minutes * 60:.0f}-second"
+    return f"{minutes:g}-minute"
 
 
 # --------------------------------------------------------------------------- export
@@ -417,21 +771,36 @@ def export_plan(names: Sequence[str], folder: Path, csv: bool) -> list[Path]:
 
 
 def export_layers(
-    items: Sequence[tuple[str, Any, tuple, Any]], paths: Sequence[Path], csv: bool
+    items: Sequence[tuple], paths: Sequence[Path], csv: bool
 ) -> Generator[Progress, None, list[Path]]:
-    """Write each ``(name, labels, scale, unit)`` to its path, then the CSV (worker thread)."""
+    """Write each ``(name, labels, scale, unit[, pixel_size_nm])`` to its path, then the CSV
+    (worker thread).
+
+    The TIFF gets ``scale`` in ``unit`` (resolution and unit, as Fiji reads them). The CSV
+    has one row per particle of every layer: ``layer``, ``file``, ``pixel_size_nm`` (empty
+    when unknown), sizes in pixels, ``touches_border`` and, when ``pixel_size_nm`` is known,
+    sizes in nm (``area_nm2``, ``equivalent_diameter_nm``, centroids); without it, in
+    ``unit`` when the scale has one.
+    """
     import pandas as pd
 
     from napari_sagegan.io.export import particle_table, write_labels_tiff
     from napari_sagegan.util.files import atomic_path
 
     tables = []
-    for i, ((name, data, scale, unit), path) in enumerate(zip(items, paths)):
+    for i, (item, path) in enumerate(zip(items, paths)):
+        name, data, scale, unit = item[:4]
+        nm = item[4] if len(item) > 4 else None
         write_labels_tiff(path, data, scale=scale, unit=unit)
         if csv:
-            table = particle_table(data, scale, unit).drop(columns=["index"])
+            if nm:
+                table = particle_table(data, (nm, nm), "nm")
+            else:
+                table = particle_table(data, scale, unit)
+            table = table.drop(columns=["index"])
             table.insert(0, "layer", name)
             table.insert(1, "file", path.name)
+            table.insert(2, "pixel_size_nm", float(nm) if nm else np.nan)
             tables.append(table)
         yield Progress("export", i + 1, len(items), message=f"wrote {path.name}")
     written = list(paths[: len(items)])

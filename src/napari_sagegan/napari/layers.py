@@ -8,18 +8,21 @@ in and layer-data tuples out.
 - Inputs: :func:`image_input` (an image layer, checked, with its geometry and pixel size),
   :func:`layer_pixel_size`.
 - Fingerprints: :func:`labels_digest`, :func:`is_edited`, :func:`source_image_name`,
-  :func:`is_synthetic`: which Labels layer belongs to which image, and whether the user
-  corrected it.
+  :func:`is_synthetic`, :func:`is_result`: which Labels layer belongs to which image, whether
+  Segment made it, and whether the user corrected it.
 - Training pairs: :class:`TrainingPair`, :func:`candidate_pairs`, :func:`pairs_from_layers`.
-- Outputs: :class:`LayerResult` (a segmentation as layer-data tuples) and
-  :func:`synthetic_layer_data` (generated pairs).
+- Outputs: :class:`LayerResult` (a segmentation as layer-data tuples),
+  :func:`add_result_layers` (replacing only an unedited result of the same image, when
+  asked: :func:`replaceable_layer`) and :func:`synthetic_layer_data` (generated pairs);
+  :func:`display_labels` / :func:`display_limits` prepare them in the worker so napari has
+  less to do on the main thread.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,6 +204,17 @@ def is_synthetic(layer: Any) -> bool:
     return bool(_meta(layer).get("synthetic"))
 
 
+def is_result(layer: Any) -> bool:
+    """A Labels layer that Segment made (corrected since or not): neither a generated pair,
+    nor a mask opened from a file or drawn by hand, nor the phase-2 preview."""
+    return (
+        _kind(layer) == "labels"
+        and "digest" in _meta(layer)
+        and not is_synthetic(layer)
+        and layer.name != PREVIEW_NAME
+    )
+
+
 def _kind(layer: Any) -> str:
     """``"labels"``, ``"image"`` or another napari layer type, from the class name."""
     return type(layer).__name__.lower()
@@ -247,8 +261,14 @@ def _by_name(layers: Iterable[Any]) -> dict[str, Any]:
     return {str(layer.name): layer for layer in layers}
 
 
-def candidate_pairs(layers: Iterable[Any]) -> list[PairCandidate]:
-    """Every Labels layer of ``layers`` (the preview excepted) with its image, in order."""
+def candidate_pairs(
+    layers: Iterable[Any], edited: Callable[[Any], bool | None] = is_edited
+) -> list[PairCandidate]:
+    """Every Labels layer of ``layers`` (the preview excepted) with its image, in order.
+
+    ``edited(layer)`` tells whether a layer was corrected (default :func:`is_edited`, which
+    hashes the layer's data; a view that follows paint events can pass a cached one).
+    """
     layers = list(layers)
     named = _by_name(layers)
     out = []
@@ -258,7 +278,7 @@ def candidate_pairs(layers: Iterable[Any]) -> list[PairCandidate]:
         image = named.get(source_image_name(layer) or "")
         if image is not None and _kind(image) != "image":
             image = None
-        out.append(PairCandidate(layer, image, is_edited(layer), is_synthetic(layer)))
+        out.append(PairCandidate(layer, image, edited(layer), is_synthetic(layer)))
     return out
 
 
@@ -322,6 +342,42 @@ def pairs_from_layers(layers: Iterable[Any], labels_names: Sequence[str]) -> lis
 
 LayerData = tuple[Any, dict, str]
 
+#: Labels up to this id are shown as uint16, leaving room to paint new particles.
+UINT16_LABELS_MAX = 60_000
+
+
+def display_labels(labels: Any) -> np.ndarray:
+    """Instance labels in the dtype napari draws without re-mapping them on the main thread.
+
+    napari maps (u)int32/64 labels into a uint8/uint16 texture on the main thread every time
+    it draws a new layer or slice (about 0.3 s for 2048 x 2048 here); uint8/uint16 labels go
+    to the texture as they are. So labels whose largest id is under
+    :data:`UINT16_LABELS_MAX` become uint16 (call this in the worker: it copies), others
+    stay int32.
+    """
+    arr = np.asarray(labels)
+    if arr.dtype == np.uint16:
+        return arr
+    top = int(arr.max()) if arr.size else 0
+    low = int(arr.min()) if arr.size else 0
+    if 0 <= low and top <= UINT16_LABELS_MAX:
+        return arr.astype(np.uint16)
+    return arr.astype(np.int32, copy=False)
+
+
+def display_limits(image: Any, low: float = 0.5, high: float = 99.5) -> tuple[float, float]:
+    """Contrast limits from the ``low`` / ``high`` percentiles of ``image`` (worker thread).
+
+    A generated image spans a few dozen grey levels (e.g. 116-142); napari's default limits
+    for uint8 data are 0-255, which shows it as a flat grey.
+    """
+    arr = np.asarray(image)
+    finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr.ravel()
+    if finite.size == 0:
+        return (0.0, 1.0)
+    lo, hi = (float(v) for v in np.percentile(finite, (low, high)))
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
 
 @dataclass
 class LayerResult:
@@ -332,7 +388,8 @@ class LayerResult:
     image : ImageInput
         The image it came from (name and geometry).
     labels : np.ndarray
-        int32 instance labels, same shape as the image.
+        Instance labels, same shape as the image (uint16 when the ids fit, else int32:
+        :func:`display_labels`).
     features : pandas.DataFrame
         One row per particle (see :func:`napari_sagegan.io.export.particle_table`).
     attention : np.ndarray or None
@@ -343,6 +400,9 @@ class LayerResult:
         The device actually used, e.g. ``"cpu (1 thread)"``.
     scale : ScaleInfo or None
         The particle diameter used and how the image was resampled for the network.
+    digest : str or None
+        :func:`labels_digest` of ``labels``, computed in the worker (``None``: computed
+        when the layer is made).
     """
 
     image: ImageInput
@@ -352,6 +412,7 @@ class LayerResult:
     model: str
     device: str
     scale: Any = None
+    digest: str | None = None
 
     @property
     def n_particles(self) -> int:
@@ -362,15 +423,19 @@ class LayerResult:
         return f"{self.image.name}{LABELS_SUFFIX}"
 
     def metadata(self) -> dict:
-        """The ``metadata`` of the Labels layer (source image, model, fingerprint)."""
-        return {
+        """The ``metadata`` of the Labels layer (source image, model, fingerprint, and the
+        pixel size when known: ``pixel_size_nm``, ``unit``)."""
+        out: dict[str, Any] = {
             META_KEY: {
                 "image": self.image.name,
                 "model": self.model,
                 "device": self.device,
-                "digest": labels_digest(self.labels),
+                "digest": self.digest or labels_digest(self.labels),
             }
         }
+        if self.image.pixel_size_nm:
+            out.update(pixel_size_nm=float(self.image.pixel_size_nm), unit="nm")
+        return out
 
     def geometry(self) -> dict:
         """``scale``, ``translate`` (and ``units``) of the image, for the new layers."""
@@ -379,9 +444,10 @@ class LayerResult:
             out["units"] = self.image.units
         return out
 
-    def describe(self) -> str:
-        """One line for the user: ``"<name> labels: 8 particles (17 px = 8.5 nm (given))"``."""
-        line = f"{self.labels_name}: {self.n_particles} particles"
+    def describe(self, layer_name: str | None = None) -> str:
+        """One line for the user: ``"<name> labels: 8 particles (17 px = 8.5 nm (given))"``;
+        ``layer_name``: the name the layer really has (napari may have added `` [1]``)."""
+        line = f"{layer_name or self.labels_name}: {self.n_particles} particles"
         if self.scale is not None and self.scale.diameter is not None:
             line += f" ({self.scale.describe(self.image.pixel_size_nm)})"
         return line
@@ -418,25 +484,50 @@ class LayerResult:
         return out
 
 
-def add_result_layers(viewer: Any, result: LayerResult) -> list:
+def _base_name(name: Any) -> str:
+    """A layer name without napari's `` [1]`` de-duplication suffix."""
+    return re.sub(r" \[\d+\]$", "", str(name))
+
+
+def replaceable_layer(layers: Iterable[Any], name: str, kind: str, data: Any, image: str) -> Any:
+    """The layer a new result may replace, or ``None``: the top-most ``kind`` layer named
+    ``name`` (or ``name [n]``) of the same shape, made by this plugin from ``image`` and,
+    for Labels, never edited (:func:`is_edited` is ``False``; masks opened from files,
+    generated pairs and corrected results are never replaced)."""
+    found = None
+    shape = tuple(np.shape(data))
+    for layer in layers:
+        if _kind(layer) != kind or _base_name(layer.name) != name:
+            continue
+        if tuple(np.shape(layer.data)) != shape or is_synthetic(layer):
+            continue
+        if kind == "labels" and (
+            _meta(layer).get("image") != image or is_edited(layer) is not False
+        ):
+            continue
+        found = layer
+    return found
+
+
+def add_result_layers(viewer: Any, result: LayerResult, *, replace: bool = True) -> list:
     """Add (or refresh) the layers of one segmentation result; main thread only.
 
-    An existing Labels layer of the same name that this plugin made and nobody edited is
-    updated in place; an edited one is kept, and the new result gets a new layer (napari
-    adds `` [1]`` to its name), so no correction is ever overwritten.
+    With ``replace``, the top-most Labels layer of the same image that this plugin made and
+    nobody edited (:func:`replaceable_layer`) is updated in place, and so is its attention
+    map; an edited one is always kept. Otherwise, or when there is none to replace, the
+    result gets new layers (napari adds `` [1]`` to a name already taken), so no correction
+    is ever overwritten. Returns the layers (their ``name`` is the real one).
     """
     layers = []
     for data, kwargs, kind in result.layer_data():
-        name = kwargs["name"]
-        old = viewer.layers[name] if name in viewer.layers else None
-        reuse = False
-        if old is not None and kind == "labels" and _kind(old) == "labels":
-            reuse = is_edited(old) is False and old.data.shape == data.shape
-        elif old is not None and kind == "image" and _kind(old) == "image":
-            reuse = old.data.shape == data.shape
-        if reuse:
+        old = (
+            replaceable_layer(viewer.layers, kwargs["name"], kind, data, result.image.name)
+            if replace
+            else None
+        )
+        if old is not None:
             old.data = data
-            for key in ("features", "metadata", "scale", "translate"):
+            for key in ("features", "metadata", "scale", "translate", "units"):
                 if key in kwargs:
                     setattr(old, key, kwargs[key])
             layers.append(old)
@@ -453,12 +544,16 @@ def synthetic_layer_data(
     """Image + Labels layer tuples for generated pairs, numbered from ``start``.
 
     Named ``"SAGE-GAN synth 01"`` / ``"SAGE-GAN synth 01 labels"``, with metadata linking
-    each Labels layer to its image (so the pair lists offer them as training pairs).
+    each Labels layer to its image (so the pair lists offer them as training pairs). The
+    images' contrast limits come from their grey levels (:func:`display_limits`), the
+    labels are in their display dtype (:func:`display_labels`): call this in the worker.
     """
     out = []
     for i, (image, labels) in enumerate(pairs, start):
         name = f"{SYNTH_PREFIX} {i:02d}"
         meta = {META_KEY: {"image": name, "synthetic": True}}
-        out.append((image, {"name": name, "metadata": meta, "colormap": "gray"}, "image"))
-        out.append((labels, {"name": f"{name} labels", "metadata": dict(meta)}, "labels"))
+        kwargs = {"name": name, "metadata": meta, "colormap": "gray"}
+        out.append((image, {**kwargs, "contrast_limits": display_limits(image)}, "image"))
+        labels_kwargs = {"name": f"{name} labels", "metadata": dict(meta)}
+        out.append((display_labels(labels), labels_kwargs, "labels"))
     return out

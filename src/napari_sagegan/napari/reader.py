@@ -4,7 +4,8 @@ The manifest routes to it what napari does not read on its own: Gatan DM3/DM4, V
 EMD, FEI TIA SER and MRC/MRCS files. TIFFs stay with napari's own reader (a second claim on
 ``*.tif`` would make napari ask which reader to use for every TIFF); :func:`get_reader` still
 reads TIFFs whose metadata hold a pixel size (FEI/Thermo, Zeiss SEM, OME or ImageJ) when it is
-called directly, and the widgets read a TIFF layer's pixel size from its source file. The
+called directly, and the docks write a TIFF layer's pixel size, read from its source file,
+into the layer (:mod:`napari_sagegan.napari.calibration`). The
 layer's ``scale`` is the pixel size in nm and its ``units`` are nm, so the
 scale bar and measurements read in nanometres; ``metadata`` repeats the pixel size, unit and
 where it came from, since layer units are not kept by every napari tool.

@@ -15,6 +15,11 @@ is tested without a viewer; a dock is a view that subscribes to the parts it sho
   drawn from, and how many pairs were generated.
 - :class:`ParticleSize` (``state.particle_size``): the particle-size setting every dock that
   segments uses (Segment, and Re-segment in Correct and retrain).
+- :class:`ResultLayers` (``state.results``): whether a new segmentation replaces an
+  unedited earlier result of the same image or comes as new layers (the default).
+- :class:`PixelSizes` (``state.pixel_sizes``): the pixel size the user set for an image
+  (once per image, in Segment or Measure); every dock uses it
+  (:mod:`napari_sagegan.napari.calibration` writes it into the layers).
 """
 
 from __future__ import annotations
@@ -226,8 +231,10 @@ class ModelStore(Observable):
 
 
 def tick_edited(candidate: PairCandidate, choice: bool | None) -> bool:
-    """Fine-tuning's rule: a corrected layer is always ticked; others as the user chose."""
-    return True if candidate.edited else bool(choice)
+    """The rule of both training sets (fine-tuning and phase 2): a layer the user corrected
+    is ticked; every other one (results nobody checked, duplicates, masks opened from
+    files, generated pairs) is not; the user's own tick or untick always wins."""
+    return bool(candidate.edited) if choice is None else bool(choice)
 
 
 def tick_real(candidate: PairCandidate, choice: bool | None) -> bool:
@@ -243,21 +250,30 @@ class TrainingSet(Observable):
     rule : callable
         ``rule(candidate, choice) -> ticked``: ``choice`` is the user's last tick for
         that layer (``None``: never chosen); see :func:`tick_edited`, :func:`tick_real`.
+
+    Attributes
+    ----------
+    choices : dict of str to bool
+        The ticks as last listed or chosen (what :meth:`ticked` reads).
+    chosen : dict of str to bool
+        The ticks the user chose (:meth:`choose`); the rule decides the others.
     """
 
     def __init__(self, rule: Callable[[PairCandidate, bool | None], bool]) -> None:
         super().__init__()
         self.rule = rule
         self.choices: dict[str, bool] = {}
+        self.chosen: dict[str, bool] = {}
 
     def rows(self, candidates: Iterable[PairCandidate]) -> list[tuple[PairCandidate, bool]]:
         """The listable candidates (their image is open) with their tick.
 
-        The ticks listed become the choices remembered (as a list widget remembers its
-        ticks); the choices for layers no longer listed are forgotten.
+        The ticks listed are remembered (as a list widget remembers its ticks); the user's
+        choices for layers no longer listed are forgotten.
         """
-        out = [(c, self.rule(c, self.choices.get(c.name))) for c in candidates if c.image]
+        out = [(c, self.rule(c, self.chosen.get(c.name))) for c in candidates if c.image]
         self.choices = {c.name: ticked for c, ticked in out}
+        self.chosen = {k: v for k, v in self.chosen.items() if k in self.choices}
         return out
 
     def ticked(self) -> list[str]:
@@ -269,8 +285,8 @@ class TrainingSet(Observable):
         names = [names] if isinstance(names, str) else list(names)
         changed = False
         for name in names:
-            changed |= self.choices.get(name) is not ticked
-            self.choices[name] = bool(ticked)
+            changed |= self.choices.get(name) is not bool(ticked)
+            self.choices[name] = self.chosen[name] = bool(ticked)
         if changed:
             self._changed()
 
@@ -376,6 +392,99 @@ class ParticleSize(Observable):
         return {"diameter": max(self.value, 1.0), "diameter_nm": None}
 
 
+# --------------------------------------------------------------------------- pixel size
+
+
+class PixelSizes(Observable):
+    """The pixel sizes the user set, one per image (nm per pixel, by layer name).
+
+    For an image whose file records none (or records a wrong one): set once, in the Segment
+    or the Measure dock, and used by every dock of the viewer (segmenting in nm, measuring,
+    exporting). A pixel size read from a file is not kept here: it is in the layer itself
+    (:func:`napari_sagegan.napari.layers.layer_pixel_size`).
+
+    Attributes
+    ----------
+    values : dict of str to float
+        Image layer name -> nm per pixel.
+    watching : bool
+        The viewer's new layers are calibrated from their files
+        (:func:`napari_sagegan.napari.calibration.watch_viewer`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: dict[str, float] = {}
+        self.watching = False
+
+    def get(self, name: str) -> float | None:
+        """The pixel size set for image ``name``, or ``None``."""
+        return self.values.get(str(name))
+
+    def set(self, name: str, nm: float | None) -> None:
+        """Set (``nm > 0``) or forget (``None``, ``0``) the pixel size of image ``name``.
+
+        Raises
+        ------
+        ValueError
+            A pixel size that is not a plausible positive number (the message says so).
+        """
+        from napari_sagegan.util.units import check_pixel_size
+
+        name = str(name)
+        if nm is None or not float(nm) > 0:
+            changed = self.values.pop(name, None) is not None
+        else:
+            value = check_pixel_size(float(nm))
+            changed = self.values.get(name) != value
+            self.values[name] = value
+        if changed:
+            self._changed()
+
+
+# --------------------------------------------------------------------------- results
+
+
+class ResultLayers(Observable):
+    """What a new segmentation does to an earlier result of the same image: one setting per
+    viewer (Segment shows it; Re-segment in Correct and retrain follows it).
+
+    Attributes
+    ----------
+    replace : bool
+        ``True``: refresh the unedited result layer of that image in place
+        (:func:`~napari_sagegan.napari.layers.replaceable_layer`); ``False`` (default):
+        add new layers and keep every earlier one. A corrected layer is never replaced.
+    """
+
+    MODES = ("add new layers", "replace unedited results")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.replace = False
+
+    @property
+    def mode(self) -> str:
+        """The setting as the Segment dock shows it (one of :attr:`MODES`)."""
+        return self.MODES[int(self.replace)]
+
+    def set(self, replace: bool | str) -> None:
+        """Change the setting (a bool, or one of :attr:`MODES`).
+
+        Raises
+        ------
+        ValueError
+            An unknown mode name.
+        """
+        if isinstance(replace, str):
+            if replace not in self.MODES:
+                raise ValueError(f"unknown result mode {replace!r}; one of {self.MODES}")
+            replace = replace == self.MODES[1]
+        if bool(replace) != self.replace:
+            self.replace = bool(replace)
+            self._changed()
+
+
 # --------------------------------------------------------------------------- per viewer
 
 
@@ -385,9 +494,11 @@ class ViewerState:
     def __init__(self) -> None:
         self.models = ModelStore()
         self.retrain_set = TrainingSet(tick_edited)
-        self.augment_set = TrainingSet(tick_real)
+        self.augment_set = TrainingSet(tick_edited)  # the same default as fine-tuning
+        self.results = ResultLayers()
         self.phase2 = Phase2()
         self.particle_size = ParticleSize()
+        self.pixel_sizes = PixelSizes()
 
 
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

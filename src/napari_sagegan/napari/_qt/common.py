@@ -7,21 +7,51 @@ Cancel and closing the dock or the viewer stop the worker at its next event. The
 parts (progress panel, pair list, plots) are in :mod:`.parts` and :mod:`.plots`.
 :class:`ModelDock` adds the viewer's shared state; the training docks' base is
 :class:`~napari_sagegan.napari._qt.training.TrainingDock`.
+
+Every dock scrolls: its content is moved into a scroll area when its ``__init__`` ends, so
+all the docks fit a 1366 x 768 screen together (each can be shrunk), and
+:func:`open_all_docks` opens them as tabs of one dock area.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Generator
 from typing import Any
 
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QEvent
-from qtpy.QtWidgets import QWidget
+from napari.viewer import Viewer
+from qtpy.QtCore import QEvent, QSize, Qt, QTimer
+from qtpy.QtWidgets import QFrame, QScrollArea, QVBoxLayout, QWidget
 
-__all__ = ["DockBase", "ModelDock", "notify_error", "notify_info", "notify_warning"]
+__all__ = [
+    "DOCKS",
+    "DockBase",
+    "ModelDock",
+    "notify_error",
+    "notify_info",
+    "notify_warning",
+    "open_all_docks",
+]
+
+#: The plugin's docks (display names in napari.yaml), in the order they are used.
+DOCKS = (
+    "Segment",
+    "Proofread particles",
+    "Correct and retrain",
+    "Augment (SAGE-GAN)",
+    "Measure particles",
+    "Export labels",
+)
+PLUGIN = "napari-sagegan"
+#: Tallest size hint of a dock's scroll area (px): taller content scrolls.
+DOCK_HINT_MAX_HEIGHT = 700
+#: Pause between two pieces of main-thread work queued with :meth:`DockBase.later` (ms).
+LATER_MS = 10
 
 #: Longest wait (s) for a worker to stop when its widget or viewer is closed.
 STOP_TIMEOUT_S = 30.0
@@ -134,6 +164,60 @@ def _is_running(worker: Any) -> bool:
         return False
 
 
+class _DockScroll(QScrollArea):
+    """A frameless vertical scroll area whose size hint is its content's, up to
+    :data:`DOCK_HINT_MAX_HEIGHT` (Qt's own hint caps it at 24 lines of text)."""
+
+    def __init__(self, body: QWidget, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.setWidgetResizable(True)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setWidget(body)
+
+    def sizeHint(self) -> QSize:  # noqa: N802 (Qt API)
+        hint = self.widget().sizeHint()
+        bar = self.verticalScrollBar().sizeHint().width()
+        return QSize(hint.width() + bar, min(hint.height(), DOCK_HINT_MAX_HEIGHT))
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 (Qt API)
+        width = self.widget().minimumSizeHint().width()
+        return QSize(width + self.verticalScrollBar().sizeHint().width(), 80)
+
+
+def _outermost_init(cls: type) -> type:
+    """The most derived class of ``cls`` that defines ``__init__``."""
+    return next(c for c in cls.__mro__ if "__init__" in c.__dict__)
+
+
+def open_all_docks(viewer: Viewer) -> dict[str, QWidget]:
+    """Open every dock of the plugin as tabs of one dock area (the Segment tab in front);
+    docks already open are kept. Returns the docks by name.
+
+    Six docks stacked one above the other need more height than a laptop screen has (each
+    scrolls, so they fit, but small); as tabs, each gets the whole height.
+    """
+    window = viewer.window
+    docks: dict[str, QWidget] = {}
+    dock_widgets = []
+    for name in DOCKS:
+        try:
+            dock_widget, widget = window.add_plugin_dock_widget(PLUGIN, name, tabify=True)
+        except (KeyError, ValueError):  # a dock this installation does not register
+            continue
+        docks[name] = widget
+        dock_widgets.append(dock_widget)
+    qt_window = getattr(window, "_qt_window", None)  # docks opened before: tabs as well
+    first = dock_widgets[0]
+    if qt_window is not None:
+        for dock_widget in dock_widgets[1:]:
+            if dock_widget not in qt_window.tabifiedDockWidgets(first):
+                qt_window.tabifyDockWidget(first, dock_widget)
+    first.show()
+    first.raise_()
+    return docks
+
+
 class DockBase(QWidget):
     """A dock widget that runs one engine generator at a time in a worker thread.
 
@@ -142,7 +226,38 @@ class DockBase(QWidget):
     :meth:`run_task`; a second call while a task runs is ignored (the run buttons are
     disabled meanwhile). Closing the widget, or the viewer, asks the worker to
     stop at its next progress event and waits for it.
+
+    A subclass lays its widgets out on ``self`` as usual (``QVBoxLayout(self)``); when its
+    ``__init__`` ends, that layout moves into :attr:`body`, inside :attr:`scroll_area`,
+    so a dock can be shorter than its content.
+
+    Main-thread work that a task's results need (adding layers) is queued with
+    :meth:`later` and done one piece per turn of the event loop, so the window repaints and
+    answers between two layers; the task counts as running (:attr:`is_running`) and its
+    ``on_done`` comes only once that queue is done.
+
+    Attributes
+    ----------
+    body : QWidget or None
+        The dock's content (``None`` until the subclass laid it out).
+    scroll_area : QScrollArea or None
+        What scrolls :attr:`body`.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None or getattr(init, "_wraps_dock", False):
+            return
+
+        @functools.wraps(init)
+        def __init__(self: DockBase, *args: Any, **kw: Any) -> None:  # noqa: N807
+            init(self, *args, **kw)
+            if _outermost_init(type(self)) is cls:
+                self._scroll_content()
+
+        __init__._wraps_dock = True  # type: ignore[attr-defined]
+        cls.__init__ = __init__  # type: ignore[method-assign]
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -151,15 +266,64 @@ class DockBase(QWidget):
         self._gen: Generator | None = None
         self._busy_widgets: list[QWidget] = []
         self._live: dict[int, tuple[Any, Generator]] = {}
+        self.body: QWidget | None = None
+        self.scroll_area: QScrollArea | None = None
+        self._later: deque = deque()
+        self._later_timer = QTimer(self)
+        self._later_timer.setInterval(LATER_MS)
+        self._later_timer.timeout.connect(self._run_later)
         # a plain dict captured by the callback (not self): it still works while Qt deletes
         # the widget
         live = self._live
         self.destroyed.connect(lambda *_: [_stop(w, g) for w, g in list(live.values())])
 
+    def _scroll_content(self) -> None:
+        """Move the layout the subclass made on ``self`` into a scroll area (Qt moves a
+        layout and its widgets to the widget it is set on)."""
+        layout = self.layout()
+        if layout is None or self.scroll_area is not None:
+            return
+        body = QWidget()
+        body.setLayout(layout)
+        self.body = body
+        self.scroll_area = _DockScroll(body)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(self.scroll_area)
+
     @property
     def is_running(self) -> bool:
-        """A task was started and has not finished (set before its thread even starts)."""
+        """A task was started and has not finished (set before its thread even starts; its
+        queued main-thread work included)."""
         return self.worker is not None
+
+    def later(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the main thread after the work queued before it, one piece
+        per turn of the event loop (see the class docstring)."""
+        self._later.append((fn, args))
+        if not self._later_timer.isActive():
+            self._later_timer.start()
+
+    def _run_later(self) -> None:
+        if not self._later:
+            self._later_timer.stop()
+            return
+        fn, args = self._later.popleft()
+        try:
+            fn(*args)
+        finally:
+            if not self._later:
+                self._later_timer.stop()
+
+    def flush_later(self) -> None:
+        """Do all the queued main-thread work now (e.g. when the dock closes)."""
+        while self._later:
+            self._run_later()
+
+    @property
+    def pending(self) -> bool:
+        """Main-thread work is queued (:meth:`later`)."""
+        return bool(self._later)
 
     def run_task(
         self,
@@ -194,10 +358,7 @@ class DockBase(QWidget):
             else:
                 on_return(value)
 
-        def finished() -> None:
-            live.pop(key, None)
-            _defer_full_gc(key, False)
-            gen.close()
+        def complete() -> None:  # after the main-thread work the task's events queued
             me = self_ref()
             if me is None:
                 return
@@ -207,6 +368,14 @@ class DockBase(QWidget):
                 on_done("error")
             else:
                 on_done("cancelled" if worker.abort_requested else "done")
+
+        def finished() -> None:
+            live.pop(key, None)
+            _defer_full_gc(key, False)
+            gen.close()
+            me = self_ref()
+            if me is not None:
+                me.later(_guard(complete))
 
         worker.yielded.connect(_guard(on_yield))
         worker.returned.connect(_guard(returned))
@@ -235,12 +404,14 @@ class DockBase(QWidget):
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
         self.stop()
+        self.flush_later()
         super().closeEvent(event)
 
     def event(self, event: Any) -> bool:
         # napari's dock "x" button takes the widget out of its dock (parent -> None)
         if event.type() == QEvent.Type.ParentChange and self.parent() is None:
             self.stop()
+            self.flush_later()
         return super().event(event)
 
 
@@ -322,6 +493,10 @@ class ModelDock(DockBase):
     def arguments(self) -> dict | None:  # pragma: no cover (abstract)
         raise NotImplementedError
 
+    def show_progress(self, ev: Any) -> None:
+        """Show one event in the ``progress`` panel (a dock may show it its own way)."""
+        self.progress.show(ev)
+
     def run_with_progress(
         self,
         gen: Generator,
@@ -339,7 +514,7 @@ class ModelDock(DockBase):
         def shown(ev: Any) -> None:
             if on_yield is not None:
                 on_yield(ev)
-            self.progress.show(ev)
+            self.show_progress(ev)
 
         self.progress.start(text)
         return self.run_task(

@@ -1,20 +1,28 @@
-"""The "Measure" dock widget: particle table, size / spacing histograms, g(r), colouring.
+"""The "Measure" dock widget: particle table, size / spacing histograms (with the fitted
+log-normal law), g(r), colouring, and the summary across images (its own tab,
+:class:`~napari_sagegan.napari._qt.summary.SummaryPanel`).
 
 Thin: every number comes from :func:`napari_sagegan.api.measure`, run in a worker thread
 (:class:`~napari_sagegan.napari._qt.common.DockBase`); the widget only gathers its inputs
 (:meth:`MeasureWidget.parameters`), shows the result and writes the CSV
-(:func:`napari_sagegan.io.tables.write_measurements`).
+(:func:`napari_sagegan.io.tables.write_measurements`). The image follows the Labels choice
+to the image the labels were made from, the pixel size is that image's
+(:func:`napari_sagegan.napari.calibration.labels_pixel_size`), and a choice that does not
+fit (another shape, another source, another pixel size, none) is a warning in the dock.
+
+Why ~570 lines: choosing the layers safely (following, warning, keeping a typed pixel size
+for the image) is half of the dock; the rest is one view each of the result (status, table,
+plots, colours, CSV).
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from napari.layers import Image, Labels
-from qtpy.QtCore import QAbstractTableModel, QModelIndex, QSortFilterProxyModel, Qt
+from qtpy.QtCore import QSortFilterProxyModel, Qt
 from qtpy.QtWidgets import (
     QCheckBox,
     QFileDialog,
@@ -27,9 +35,19 @@ from qtpy.QtWidgets import (
 )
 
 from napari_sagegan import api
+from napari_sagegan.io.pixel_size import PixelSize
 from napari_sagegan.napari._qt.common import DockBase
 from napari_sagegan.napari._qt.parts import button_row, combo_box, double_spin_box, text_label
-from napari_sagegan.napari.layers import layer_pixel_size
+from napari_sagegan.napari._qt.summary import SummaryPanel, TableModel
+from napari_sagegan.napari.calibration import (
+    apply_pixel_size,
+    image_name_of,
+    labels_pixel_size,
+    pixel_size_of,
+    source_image,
+    watch_viewer,
+)
+from napari_sagegan.napari.state import viewer_state
 from napari_sagegan.util.progress import run_to_end
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,67 +59,24 @@ _UNIT_RANGE = ("psi6", "psi4", "circularity", "solidity")
 _NAN_COLOUR = (0.5, 0.5, 0.5, 1.0)
 
 
-class _TableModel(QAbstractTableModel):
-    """A read-only view of a pandas DataFrame (sorts on the raw values)."""
-
-    def __init__(self, table: Any = None) -> None:
-        super().__init__()
-        self._table = table
-
-    def set_table(self, table: Any) -> None:
-        self.beginResetModel()
-        self._table = table
-        self.endResetModel()
-
-    def rowCount(self, parent: QModelIndex = QModelIndex()) -> int:  # noqa: B008, N802
-        return 0 if self._table is None or parent.isValid() else len(self._table)
-
-    def columnCount(self, parent: QModelIndex = QModelIndex()) -> int:  # noqa: B008, N802
-        return 0 if self._table is None or parent.isValid() else self._table.shape[1]
-
-    def data(self, index: QModelIndex, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
-        if self._table is None or not index.isValid():
-            return None
-        value = self._table.iat[index.row(), index.column()]
-        if role == Qt.ItemDataRole.UserRole:
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                return str(value)
-            return -math.inf if math.isnan(number) else number
-        if role != Qt.ItemDataRole.DisplayRole:
-            return None
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return ""
-        if isinstance(value, (bool, np.bool_)):
-            return "yes" if value else "no"
-        if isinstance(value, (float, np.floating)):
-            return f"{value:.4g}"
-        return str(value) if str(value) != "<NA>" else ""
-
-    def headerData(  # noqa: N802
-        self, section: int, orientation: Qt.Orientation, role: int = Qt.ItemDataRole.DisplayRole
-    ) -> Any:
-        if role != Qt.ItemDataRole.DisplayRole or self._table is None:
-            return None
-        if orientation == Qt.Orientation.Horizontal:
-            return str(self._table.columns[section])
-        return str(section + 1)
-
-
 class MeasureWidget(DockBase):
     """Measure the particles of a Labels layer, in nm when the pixel size is known."""
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
         super().__init__(napari_viewer, parent)
+        self.state = viewer_state(napari_viewer)
+        watch_viewer(napari_viewer, self.state)
         #: The last result, or ``None``.
         self.result: Measurements | None = None
         self._result_layer: Labels | None = None
+        self._result_image: Image | None = None
+        self._result_source: str | None = None
         self._original_colormaps: dict[int, Any] = {}
 
         self.labels_combo = combo_box(tooltip="The Labels layer to measure (0 = background)")
         self.image_combo = combo_box(
-            tooltip="Optional: the micrograph, for each particle's mean intensity"
+            tooltip="The micrograph the labels were made from (chosen with them): each "
+            "particle's mean intensity, and the pixel size"
         )
         self.pixel_size = double_spin_box(
             0.0,
@@ -110,14 +85,18 @@ class MeasureWidget(DockBase):
             decimals=4,
             suffix=" nm",
             special="unknown: pixels",
-            tooltip="nm per pixel; filled in from the layers' metadata or scale when they "
-            "carry it. 0 measures in pixels",
+            tooltip="nm per pixel of the labels' image: filled in from the image it was made "
+            "from (its file or the value set for it), else from the labels. A value typed "
+            "here is kept for that image, in every dock. 0 measures in pixels",
         )
+        self.warning = text_label()
+        self.warning.setStyleSheet("color: #e8a33d;")
+        self.warning.setVisible(False)
         self.include_border = QCheckBox("include particles touching the border in statistics")
         self.measure_button = QPushButton("Measure")
         self.status = text_label()
 
-        self.table_model = _TableModel()
+        self.table_model = TableModel()
         proxy = QSortFilterProxyModel(self)
         proxy.setSourceModel(self.table_model)
         proxy.setSortRole(Qt.ItemDataRole.UserRole)
@@ -135,6 +114,8 @@ class MeasureWidget(DockBase):
         self.tabs = QTabWidget()
         self.tabs.addTab(self.table_view, "Table")
         self.tabs.addTab(self.canvas, "Plots")
+        self.summary = SummaryPanel(self)
+        self.tabs.addTab(self.summary, "Summary")
 
         self.colour_combo = combo_box(
             tooltip="Colour the particles by this property (grey: undefined)"
@@ -149,6 +130,7 @@ class MeasureWidget(DockBase):
         form.addRow("Labels", self.labels_combo)
         form.addRow("Image", self.image_combo)
         form.addRow("Pixel size", self.pixel_size)
+        form.addRow("", self.warning)
         colour_row = button_row(self.colour_combo, self.colour_button, self.reset_button, stretch=0)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
@@ -158,17 +140,17 @@ class MeasureWidget(DockBase):
         layout.addWidget(self.tabs, 1)
         layout.addLayout(colour_row)
         layout.addWidget(self.export_button)
-        self._busy_widgets = [self.measure_button]
+        self._busy_widgets = [self.measure_button, self.summary.run_button]
 
         self.measure_button.clicked.connect(lambda: self.run())
         self.colour_button.clicked.connect(lambda: self.colour_by(self.colour_combo.currentText()))
         self.reset_button.clicked.connect(self.reset_colours)
         self.export_button.clicked.connect(self._export_dialog)
-        self.labels_combo.currentTextChanged.connect(self._fill_pixel_size)
-        self.labels_combo.currentTextChanged.connect(
-            lambda *_: self.image_combo.currentText() == _NO_IMAGE and self._pick_linked_image()
-        )
-        self.image_combo.currentTextChanged.connect(self._fill_pixel_size)
+        self.labels_combo.currentTextChanged.connect(self._labels_chosen)
+        self.image_combo.currentTextChanged.connect(self._image_chosen)
+        self.pixel_size.editingFinished.connect(self.set_pixel_size)
+        self.pixel_size.valueChanged.connect(lambda *_: self._check_choice())
+        self.state.pixel_sizes.subscribe(self._pixel_sizes_changed)
         for event in ("inserted", "removed", "moved", "changed"):
             getattr(self.viewer.layers.events, event).connect(self._refresh_layers)
         self._refresh_layers()
@@ -188,20 +170,51 @@ class MeasureWidget(DockBase):
             if current in names:
                 combo.setCurrentText(current)
             combo.blockSignals(False)
-        if self.image_combo.currentText() == _NO_IMAGE:
-            self._pick_linked_image()
-        if (self.labels_combo.currentText(), self.image_combo.currentText()) != before:
-            self._fill_pixel_size()
+        if self.labels_combo.currentText() != before[0]:
+            self._labels_chosen()
+        elif self.image_combo.currentText() != before[1]:
+            self._image_chosen()
+        else:
+            self._check_choice()
 
-    def _pick_linked_image(self, *args: Any) -> None:
-        """Select the image a Labels layer was made from (``<image> labels``, ``<image>
-        ground truth``), when no image is chosen yet: its pixel size and grey values."""
-        name = self.labels_combo.currentText()
-        for ending in (" labels", " ground truth"):
-            stem = name[: -len(ending)] if name.endswith(ending) else None
-            if stem and self._layer(stem, Image) is not None:
-                self.image_combo.setCurrentText(stem)
+    def _labels_chosen(self, *args: Any) -> None:
+        """The Labels choice changed: the image follows (:meth:`_pick_linked_image`), and
+        the pixel size with it."""
+        self._pick_linked_image()
+        self._fill_pixel_size()
+
+    def _image_chosen(self, *args: Any) -> None:
+        self._fill_pixel_size()
+
+    def _pick_linked_image(self) -> None:
+        """Select the image the chosen Labels layer was made from: its metadata, or its name
+        (``<image> labels``, ``<image> ground truth``;
+        :func:`~napari_sagegan.napari.calibration.image_name_of`). For labels of unknown
+        origin, keep the
+        chosen image if it has their shape, else take the one image that has it (none when
+        several do: their pixel sizes may differ)."""
+        labels = self.labels_layer()
+        if labels is None:
+            return
+        target = self._linked_image_name(labels)
+        if target is None:
+            current = self.image_layer()
+            if current is not None and current.data.shape == labels.data.shape:
                 return
+            same = [
+                ly.name
+                for ly in self.viewer.layers
+                if isinstance(ly, Image) and ly.data.shape == labels.data.shape
+            ]
+            target = same[0] if len(same) == 1 else _NO_IMAGE
+        self.image_combo.blockSignals(True)
+        self.image_combo.setCurrentText(target)
+        self.image_combo.blockSignals(False)
+
+    def _linked_image_name(self, labels: Labels) -> str | None:
+        """The open Image layer ``labels`` were made from, or ``None``."""
+        image = source_image(self.viewer.layers, labels)
+        return image.name if image is not None else None
 
     def _layer(self, name: str, kind: type) -> Any:
         if name and name in self.viewer.layers and isinstance(self.viewer.layers[name], kind):
@@ -216,13 +229,103 @@ class MeasureWidget(DockBase):
         """The chosen Image layer, or ``None``."""
         return self._layer(self.image_combo.currentText(), Image)
 
-    def _fill_pixel_size(self, *args: Any) -> None:
-        """Take the pixel size from the chosen layers (0, i.e. pixels, when they have none).
+    def _known_pixel_size(self) -> PixelSize:
+        """The pixel size of the chosen labels: of the image they were made from (set by the
+        user or read from its file), else their own, else the chosen image's."""
+        labels = self.labels_layer()
+        found = labels_pixel_size(self.viewer.layers, labels, self.state)
+        if not found.known and labels is not None:
+            image = self.image_layer()
+            if image is not None and image.data.shape == labels.data.shape:
+                found = pixel_size_of(image, self.state)
+        return found
 
-        Called when the choice of layers changes, so a value typed in stays until then.
+    def _fill_pixel_size(self, *args: Any) -> None:
+        """Show the pixel size of the chosen layers (0, i.e. pixels, when none is known).
+
+        Called when the choice of layers changes (or a pixel size is set for an image in
+        any dock), so a value typed in stays until then.
         """
-        value = layer_pixel_size(self.labels_layer()) or layer_pixel_size(self.image_layer())
-        self.pixel_size.setValue(value or 0.0)
+        found = self._known_pixel_size()
+        self.pixel_size.blockSignals(True)
+        self.pixel_size.setValue(found.nm or 0.0)
+        self.pixel_size.blockSignals(False)
+        self._check_choice()
+
+    def _pixel_sizes_changed(self) -> None:
+        try:
+            self._fill_pixel_size()
+        except RuntimeError:  # deleted widget
+            pass
+
+    def pixel_size_target(self) -> str | None:
+        """The layer a pixel size typed here is kept for: the labels' own image when it is
+        open, else the chosen image of the labels' shape, else the Labels layer itself."""
+        labels = self.labels_layer()
+        if labels is None:
+            return None
+        linked = self._linked_image_name(labels)
+        if linked is not None:
+            return linked
+        image = self.image_layer()
+        if image is not None and image.data.shape == labels.data.shape:
+            return image.name
+        return labels.name
+
+    def set_pixel_size(self, nm: float | None = None) -> bool:
+        """Keep the pixel size in the field (or ``nm``) for the labels' image, for every
+        dock (:func:`~napari_sagegan.napari.calibration.apply_pixel_size`): the image and
+        the layers made from it get that scale. ``0`` forgets a value set before."""
+        if nm is not None:
+            self.pixel_size.setValue(float(nm))
+        target = self.pixel_size_target()
+        if target is None:
+            return False
+        value = self.pixel_size.value()
+        known = self._known_pixel_size().nm or 0.0
+        if abs(value - known) <= 1e-9 * max(value, known, 1e-12):
+            return True  # unchanged (focus left the field): nothing to record
+        try:
+            apply_pixel_size(self.viewer.layers, target, value or None, self.state)
+        except ValueError as err:
+            self._error(err)
+            return False
+        return True
+
+    def _check_choice(self) -> list[str]:
+        """Warn in the dock when the chosen image does not belong to the labels: another
+        shape, another source image, another pixel size, or no pixel size at all. Returns
+        the warnings shown."""
+        labels, image = self.labels_layer(), self.image_layer()
+        warnings: list[str] = []
+        if labels is not None:
+            source = image_name_of(labels)
+            if image is not None and image.data.shape != labels.data.shape:
+                warnings.append(
+                    f"the image {image.name!r} has shape {image.data.shape} but the labels "
+                    f"{labels.data.shape}: choose the image they were made from, or none"
+                )
+            elif image is not None and source and image.name != source:
+                warnings.append(
+                    f"{labels.name!r} was made from {source!r}, not from {image.name!r}: the "
+                    "intensities are those of another image"
+                )
+            if image is not None and image.data.shape == labels.data.shape:
+                px_image = pixel_size_of(image, self.state).nm
+                px = self.pixel_size.value()
+                if px_image and px and abs(px_image - px) > 1e-3 * px:
+                    warnings.append(
+                        f"the pixel size used ({px:.4g} nm) is not that of {image.name!r} "
+                        f"({px_image:.4g} nm): check which one is right"
+                    )
+            if not self.pixel_size.value() > 0:
+                warnings.append(
+                    "pixel size unknown: sizes in pixels; type it above (it is kept for the "
+                    "image, in every dock)"
+                )
+        self.warning.setText("\n".join(f"\u26a0 {w}" for w in warnings))
+        self.warning.setVisible(bool(warnings))
+        return warnings
 
     def parameters(self) -> dict[str, Any]:
         """The arguments of :func:`napari_sagegan.api.measure` set in the widget.
@@ -268,22 +371,35 @@ class MeasureWidget(DockBase):
             self._error(err)
             return None
         layer = self.labels_layer()
+        image = self.image_layer()
+        source = self.pixel_size_source()
         if blocking:
             try:
                 (result,) = run_to_end(api.measure(**kwargs)).measurements
             except ValueError as err:
                 self._error(err)
                 return None
-            self._show(result, layer)
+            self._show(result, layer, image, source)
             return result
         self.status.setText(f"measuring {layer.name}...")
         self.run_task(
             api.measure(**kwargs),
             on_yield=lambda ev: None,
-            on_return=lambda measured: self._show(measured.measurements[0], layer),
+            on_return=lambda measured: self._show(measured.measurements[0], layer, image, source),
             on_done=lambda status: status == "error" and self.status.setText("failed"),
         )
         return None
+
+    def pixel_size_source(self) -> str:
+        """Where the pixel size in the field comes from, for the summary JSON: the layer or
+        file that gave it, ``"given"`` (typed here) or ``"none"``."""
+        px = self.pixel_size.value()
+        if not px > 0:
+            return "none"
+        known = self._known_pixel_size()
+        if known.nm is not None and abs(known.nm - px) <= 1e-9 * px:
+            return known.describe()
+        return "given"
 
     def _error(self, err: BaseException) -> None:
         from napari.utils.notifications import show_error
@@ -292,9 +408,17 @@ class MeasureWidget(DockBase):
         show_error(f"Measure: {err}")
 
     # ----------------------------------------------------------------- results
-    def _show(self, result: Measurements, layer: Labels | None) -> None:
+    def _show(
+        self,
+        result: Measurements,
+        layer: Labels | None,
+        image: Image | None = None,
+        source: str | None = None,
+    ) -> None:
         self.result = result
         self._result_layer = layer
+        self._result_image = image
+        self._result_source = source
         self.table_model.set_table(result.table)
         s = result.summary
         u = result.unit
@@ -304,6 +428,11 @@ class MeasureWidget(DockBase):
             lines.append(
                 f"diameter {mean:.3g} \u00b1 {s[f'equivalent_diameter_{u}_std']:.2g} {u}, "
                 f"D50 {s[f'equivalent_diameter_{u}_d50']:.3g} {u}"
+            )
+        if s.get(f"lognormal_median_{u}") is not None:
+            lines.append(
+                f"log-normal fit: median {s[f'lognormal_median_{u}']:.3g} {u}, "
+                f"geometric std {s['lognormal_gsd']:.3g}"
             )
         if s.get(f"nn_distance_{u}_mean") is not None:
             lines.append(f"nearest neighbour {s[f'nn_distance_{u}_mean']:.3g} {u}")
@@ -331,7 +460,12 @@ class MeasureWidget(DockBase):
         for b in (self.colour_button, self.reset_button, self.export_button):
             b.setEnabled(True)
         if layer is not None and layer.ndim == 2 and len(result.table):
-            layer.features = result.table.assign(index=result.table["label"].to_numpy())
+            from napari_sagegan.engine.infer.confidence import with_confidence
+            from napari_sagegan.napari.proofread import confidence_array
+
+            # the network's per-particle confidence (Segment's) stays for Proofread
+            table = with_confidence(result.table, confidence_array(layer.features))
+            layer.features = table.assign(index=table["label"].to_numpy())
         self._plot(result)
 
     def _plot(self, result: Measurements) -> None:
@@ -341,7 +475,22 @@ class MeasureWidget(DockBase):
         sized = t if result.summary["border_particles_in_size_statistics"] else t[~t.touches_border]
         d = sized[f"equivalent_diameter_{u}"].to_numpy(float)
         if d.size:
-            ax_size.hist(d, bins="auto", color="tab:blue")
+            _, edges, _ = ax_size.hist(d, bins="auto", color="tab:blue", label="particles")
+            median = result.summary.get(f"lognormal_median_{u}")
+            gsd = result.summary.get("lognormal_gsd")
+            if median is not None and gsd is not None and gsd > 1.0:
+                from napari_sagegan.engine.analysis.measure import lognormal_pdf
+
+                # the density as particle counts per bin of the histogram
+                x = np.linspace(max(edges[0], 1e-9), edges[-1], 200)
+                counts = lognormal_pdf(x, median, gsd) * d.size * float(np.diff(edges).mean())
+                ax_size.plot(
+                    x,
+                    counts,
+                    color="tab:red",
+                    label=f"log-normal: median {median:.3g} {u}, GSD {gsd:.3g}",
+                )
+                ax_size.legend(fontsize="small")
         ax_size.set_xlabel(f"equivalent diameter ({u})")
         ax_size.set_ylabel("particles")
         nn = t[f"nn_distance_{u}"].to_numpy(float)[t["nn_edge_ok"].to_numpy(bool)]
@@ -410,13 +559,13 @@ class MeasureWidget(DockBase):
         if self.result is None:
             raise ValueError("nothing to export yet: press Measure first")
         layer = self._result_layer
-        image = self.image_layer()
+        image = self._result_image
         write_measurements(
             path,
             self.result,
             labels_name=layer.name if layer is not None else None,
             image_name=image.name if image is not None else None,
-            pixel_size_source="widget",
+            pixel_size_source=self._result_source,
         )
         return Path(path)
 

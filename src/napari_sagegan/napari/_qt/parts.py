@@ -5,12 +5,15 @@
   one :class:`~napari_sagegan.napari.state.TrainingSet`, plus an optional folder of pairs.
 - :class:`ModelCombo`: the models of the viewer's
   :class:`~napari_sagegan.napari.state.ModelStore`.
-- :class:`LayerCombo`: the viewer's layers of one kind, following them.
+- :class:`LayerCombo`: the viewer's layers of one kind, following them and the layer
+  selected in the layer list.
 - :func:`device_combo`: ``auto | cpu | cuda | mps``.
 - :func:`spin_box`, :func:`double_spin_box`, :func:`combo_box`, :func:`push_button`,
   :func:`text_label`, :func:`button_row`: the docks' fields, buttons, status lines and
   rows, each set up in one call.
 - :func:`score_text`, :func:`status_text`: a model's validation scores, a task's end.
+- :func:`add_result`: a segmentation result into the viewer, with the line naming its layer.
+- :func:`folder_row`: a folder field with its Browse button.
 """
 
 from __future__ import annotations
@@ -36,11 +39,18 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_sagegan.napari.layers import PairCandidate, candidate_pairs
+from napari_sagegan.napari.layers import (
+    PairCandidate,
+    add_result_layers,
+    candidate_pairs,
+    is_edited,
+    source_image_name,
+)
 from napari_sagegan.napari.state import ModelEntry, ModelStore, TrainingSet
 
 __all__ = [
     "DEVICES",
+    "add_result",
     "LayerCombo",
     "ModelCombo",
     "PairPicker",
@@ -208,12 +218,37 @@ class ProgressPanel(QWidget):
         self.status.setText(text)
         self.cancel_button.setEnabled(True)
 
-    def update_progress(self, step: int, total: int | None, eta_s: float | None, text: str):
+    def update_progress(
+        self,
+        step: int,
+        total: int | None,
+        eta_s: float | None,
+        text: str,
+        bar_text: str | None = None,
+    ):
+        """Show ``step`` of ``total`` (the bar reads ``bar_text`` if given, else
+        "step / total"), the ETA and ``text``."""
         if total:
             self.bar.setRange(0, int(total))
             self.bar.setValue(min(int(step), int(total)))
+        self.bar.setFormat(bar_text.replace("%", "%%") if bar_text else "%v / %m")
         eta = format_eta(eta_s)
         self.status.setText(f"{text}  ·  {eta}" if eta else text)
+
+    def show_time(self, elapsed_s: float, budget_s: float, text: str) -> None:
+        """Time-based progress, for a run its time budget ends: the bar reads "1.2 of
+        10 min" and the line ``text`` with the time left."""
+        budget_s = max(float(budget_s), 1e-3)
+        elapsed_s = min(max(float(elapsed_s), 0.0), budget_s)
+        unit, scale = ("min", 60.0) if budget_s >= 120 else ("s", 1.0)
+        done = f"{elapsed_s / scale:.1f}" if unit == "min" else f"{elapsed_s:.0f}"
+        self.update_progress(
+            round(1000 * elapsed_s / budget_s),
+            1000,
+            budget_s - elapsed_s,
+            text,
+            bar_text=f"{done} of {budget_s / scale:g} {unit}",
+        )
 
     def show(self, ev: Any) -> None:
         """Show one progress event (step / total, ETA and message)."""
@@ -222,6 +257,7 @@ class ProgressPanel(QWidget):
     def finish(self, text: str) -> None:
         if self.bar.maximum() == 0:
             self.bar.setRange(0, 1)
+            self.bar.setTextVisible(False)
         self.cancel_button.setEnabled(False)
         self.status.setText(text)
 
@@ -249,8 +285,11 @@ class PairPicker(QWidget):
     A view of ``training_set``: the rows are the Labels layers whose image is open
     (:func:`~napari_sagegan.napari.layers.candidate_pairs`), ticked by the set's rule; a
     tick by the user is recorded in the set, and a change of the set (another dock ticking
-    pairs) is shown at once. The list follows the layers (added, removed and, with
-    ``watch_edits``, painted: refreshed 300 ms after the last stroke).
+    pairs) is shown at once. The list follows the layers (added, removed, renamed,
+    painted): it is refreshed 300 ms after the last change, so adding or removing many
+    layers, or a burst of strokes, lists them once; whether a layer was edited is kept per
+    layer and computed again only after that layer changed (hashing every Labels layer on
+    every change stalled the GUI).
 
     Parameters
     ----------
@@ -259,7 +298,7 @@ class PairPicker(QWidget):
     text : callable, optional
         ``text(candidate) -> (text, tooltip)`` of a row (default: the layer name).
     watch_edits : bool
-        Refresh when a Labels layer is painted (the ticks depend on edits).
+        Kept for compatibility: the list always follows edits (the ticks depend on them).
 
     Attributes
     ----------
@@ -286,6 +325,7 @@ class PairPicker(QWidget):
         self.training_set = training_set
         self._text = text or _plain_text
         self._own_change = False
+        self._edited: dict[int, tuple[Any, bool | None]] = {}  # id(layer) -> (layer, edited)
         self.list = QListWidget()
         self.refresh_button = QPushButton("Refresh")
         self.folder_edit = QLineEdit()
@@ -309,30 +349,44 @@ class PairPicker(QWidget):
         self._timer.setSingleShot(True)
         self._timer.setInterval(300)
         self._timer.timeout.connect(self.refresh)
-        self.refresh_button.clicked.connect(self.refresh)
+        self.refresh_button.clicked.connect(self.refresh_all)
         self.folder_button.clicked.connect(self._folder_dialog)
         self.list.itemChanged.connect(self._item_changed)
         layers = viewer.layers
-        if watch_edits:
-            layers.events.inserted.connect(self._on_inserted)
-            layers.events.removed.connect(self.schedule_refresh)
-            for layer in layers:
-                self._watch(layer)
-        else:
-            layers.events.inserted.connect(self.refresh)
-            layers.events.removed.connect(self.refresh)
+        layers.events.inserted.connect(self._on_inserted)
+        layers.events.removed.connect(self._on_removed)
+        for layer in layers:
+            self._watch(layer)
         training_set.subscribe(self.refresh)
         self.refresh()
 
     # ------------------------------------------------------------------ following layers
     def _watch(self, layer: Any) -> None:
         if type(layer).__name__ == "Labels":
-            layer.events.paint.connect(self.schedule_refresh)
-            layer.events.data.connect(self.schedule_refresh)
+            layer.events.paint.connect(self._on_edit)
+            layer.events.data.connect(self._on_edit)
+        layer.events.name.connect(self.schedule_refresh)
 
     def _on_inserted(self, event: Any) -> None:
         self._watch(event.value)
         self.schedule_refresh()
+
+    def _on_removed(self, event: Any) -> None:
+        self._edited.pop(id(event.value), None)
+        self.schedule_refresh()
+
+    def _on_edit(self, event: Any) -> None:
+        self._edited.pop(id(getattr(event, "source", None)), None)
+        self.schedule_refresh()
+
+    def edited(self, layer: Any) -> bool | None:
+        """:func:`~napari_sagegan.napari.layers.is_edited`, kept until the layer changes."""
+        hit = self._edited.get(id(layer))
+        if hit is not None and hit[0] is layer:
+            return hit[1]
+        value = is_edited(layer)
+        self._edited[id(layer)] = (layer, value)
+        return value
 
     def schedule_refresh(self, *_: Any) -> None:
         """Refresh soon (once after a burst of paint strokes)."""
@@ -342,11 +396,20 @@ class PairPicker(QWidget):
             pass
 
     # ------------------------------------------------------------------ the rows
+    def refresh_all(self, *_: Any) -> None:
+        """Look at every layer again (the Refresh button), then list the pairs."""
+        self._edited.clear()
+        self.refresh()
+
     def refresh(self, *_: Any) -> None:
         """List the pairs with the training set's ticks."""
         if self._own_change:
             return
-        rows = self.training_set.rows(candidate_pairs(self.viewer.layers))
+        try:
+            self._timer.stop()
+        except RuntimeError:  # the widget was deleted; the state outlives it
+            return
+        rows = self.training_set.rows(candidate_pairs(self.viewer.layers, self.edited))
         try:
             self.list.blockSignals(True)
         except RuntimeError:  # the widget was deleted; the state outlives it
@@ -437,6 +500,10 @@ class ModelCombo(QComboBox):
 class LayerCombo(QComboBox):
     """The names of the viewer's layers of one kind, kept up to date (selection kept).
 
+    It starts on the layer selected in the layer list (for an Image choice with a Labels
+    layer selected: that layer's image), not the first one, and, with ``follow``, moves
+    to a layer of its kind when the user selects it in the layer list.
+
     Parameters
     ----------
     viewer : napari.viewer.Viewer
@@ -446,6 +513,8 @@ class LayerCombo(QComboBox):
         Entries listed first (e.g. ``"(none)"``).
     on_refresh : callable, optional
         Called after every refresh (the list changed, or the layers were renamed).
+    follow : bool
+        Follow the layer selected in the layer list (when it is of this kind).
     """
 
     def __init__(
@@ -455,6 +524,7 @@ class LayerCombo(QComboBox):
         *,
         extra: tuple[str, ...] = (),
         on_refresh: Callable[[], None] | None = None,
+        follow: bool = True,
         parent: QWidget | None = None,
     ) -> None:
         super().__init__(parent)
@@ -466,7 +536,33 @@ class LayerCombo(QComboBox):
             emitter = getattr(viewer.layers.events, event, None)
             if emitter is not None:
                 emitter.connect(self.refresh)
+        selection = getattr(viewer.layers, "selection", None)
+        if follow and selection is not None:
+            selection.events.active.connect(self._follow_active)
         self.refresh()
+
+    def _selected_name(self) -> str | None:
+        """The name of the selected layer if it is of this kind, or, for a selected Labels
+        layer, of the image it was made from; else ``None``."""
+        selection = getattr(self.viewer.layers, "selection", None)
+        active = getattr(selection, "active", None)
+        if active is None:
+            return None
+        if isinstance(active, self.kind):
+            return str(active.name)
+        image = source_image_name(active) if type(active).__name__ == "Labels" else None
+        if image and image in self.viewer.layers:
+            if isinstance(self.viewer.layers[image], self.kind):
+                return image
+        return None
+
+    def _follow_active(self, *_: Any) -> None:
+        try:
+            active = self.viewer.layers.selection.active
+            if isinstance(active, self.kind) and self.findText(active.name) >= 0:
+                self.setCurrentText(active.name)
+        except RuntimeError:  # the widget was deleted; the viewer outlives it
+            pass
 
     def layers(self) -> list[Any]:
         """The listed layers, in the viewer's order."""
@@ -478,6 +574,9 @@ class LayerCombo(QComboBox):
         except RuntimeError:  # the widget was deleted; the viewer outlives it
             return
         names = self.extra + [layer.name for layer in self.layers()]
+        if current not in names:
+            selected = self._selected_name()  # start on the selected layer, not the first
+            current = selected if selected in names else current
         self.blockSignals(True)
         try:
             self.clear()
@@ -496,3 +595,37 @@ class LayerCombo(QComboBox):
         if name and name in layers and isinstance(layers[name], self.kind):
             return layers[name]
         return None
+
+
+def add_result(viewer: Any, result: Any, *, replace: bool) -> str:
+    """Add one segmentation result to the viewer
+    (:func:`~napari_sagegan.napari.layers.add_result_layers`) and return the line that
+    names the layer written by its real name (napari adds `` [1]`` to a name taken) and
+    says whether an earlier, unedited result was replaced or kept."""
+    before = {id(layer) for layer in viewer.layers}
+    labels = add_result_layers(viewer, result, replace=replace)[0]
+    line = result.describe(labels.name)
+    if id(labels) in before:
+        return line + "  (replaced the earlier, unedited result)"
+    if labels.name != result.labels_name:
+        return line + f"  (new layer; {result.labels_name!r} kept)"
+    return line
+
+
+def folder_row(placeholder: str, tooltip: str, title: str) -> tuple[QLineEdit, QHBoxLayout]:
+    """A folder field and its "Browse..." button (a folder dialog titled ``title``)."""
+    edit = QLineEdit()
+    edit.setPlaceholderText(placeholder)
+    edit.setToolTip(tooltip)
+    button = QPushButton("Browse...")
+
+    def browse() -> None:
+        path = QFileDialog.getExistingDirectory(edit, title, edit.text())
+        if path:
+            edit.setText(path)
+
+    button.clicked.connect(browse)
+    row = QHBoxLayout()
+    row.addWidget(edit, 1)
+    row.addWidget(button)
+    return edit, row

@@ -2,9 +2,11 @@
 
 - :class:`CurvePlot`: training loss (left axis) and validation scores (right axis, 0-1), for
   fine-tuning.
-- :class:`TermPlot`: phase 2's per-term losses on a log scale.
+- :class:`TermPlot`: phase 2's per-term losses on a log scale, named in plain words in the
+  legend (the loss names of the code, ``adv_img``..., in each entry's tooltip).
 
-Both are cheap enough to redraw after every training step.
+New points are drawn at most :attr:`_Plot.REDRAW_MS` apart (a few times a second), however
+fast the training steps come: a repaint per step was a main-thread cost on every step.
 """
 
 from __future__ import annotations
@@ -12,29 +14,72 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from qtpy.QtCore import QPointF, QRectF, Qt
+from qtpy.QtCore import QEvent, QPointF, QRectF, Qt, QTimer
 from qtpy.QtGui import QColor, QPainter, QPainterPath, QPen
-from qtpy.QtWidgets import QSizePolicy, QWidget
+from qtpy.QtWidgets import QSizePolicy, QToolTip, QWidget
 
-__all__ = ["CurvePlot", "TermPlot", "TERMS"]
+__all__ = ["CurvePlot", "TermPlot", "TERMS", "TERM_NAMES"]
 
 #: The phase-2 loss terms, in the order of the legend.
 TERMS = ("adv_img", "adv_mask", "id_mask", "rec_mask", "rec_img", "id_img", "d_img", "d_mask")
 
+#: Each term in plain words (the legend) and what it measures (its tooltip, with the name).
+TERM_NAMES = {
+    "adv_img": ("image realism", "how easily the image critic tells generated images from "
+                "real ones (the generator's adversarial loss; lower: more realistic)"),
+    "adv_mask": ("mask realism", "how easily the mask critic tells the segmenter's masks from "
+                 "real masks (the segmenter's adversarial loss)"),
+    "id_mask": ("segmentation, real", "the segmentation loss on the real pairs (as in "
+                "fine-tuning: focal + Tversky + distance)"),
+    "rec_mask": ("segmentation, synthetic", "the segmentation loss on images generated from "
+                 "the real masks"),
+    "rec_img": ("image round trip", "how far an image is from its reconstruction G(S(image)) "
+                "(L1 + MS-SSIM)"),
+    "id_img": ("image likeness", "how far a generated image G(mask) is from the real image "
+               "of that mask (L1 + MS-SSIM)"),
+    "d_img": ("image critic", "the image discriminator's own loss (it learns to tell "
+              "generated images from real ones)"),
+    "d_mask": ("mask critic", "the mask discriminator's own loss"),
+}  # fmt: skip
+
 
 class _Plot(QWidget):
-    """A plot that grows with its dock; :meth:`clear` empties it."""
+    """A plot that grows with its dock; :meth:`clear` empties it; new points are drawn at
+    most :attr:`REDRAW_MS` apart (:meth:`changed`)."""
 
     MIN_HEIGHT = 150
+    #: Shortest time between two repaints for new points (ms).
+    REDRAW_MS = 250
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.setMinimumHeight(self.MIN_HEIGHT)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
+        self._redraw = QTimer(self)
+        self._redraw.setSingleShot(True)
+        self._redraw.setInterval(self.REDRAW_MS)
+        self._redraw.timeout.connect(self.update)
+        #: Legend entries as drawn: (rect, tooltip), for :meth:`event`.
+        self._legend: list[tuple[QRectF, str]] = []
         self.clear()
 
     def clear(self) -> None:  # pragma: no cover (each plot has its own)
         self.update()
+
+    def changed(self) -> None:
+        """New points: repaint within :attr:`REDRAW_MS` (one repaint for a burst of steps)."""
+        if not self._redraw.isActive():
+            self._redraw.start()
+
+    def event(self, event: Any) -> bool:
+        """Show the tooltip of the legend entry under the mouse."""
+        if event.type() == QEvent.Type.ToolTip:
+            pos = QPointF(event.pos())
+            for rect, tip in self._legend:
+                if rect.contains(pos):
+                    QToolTip.showText(event.globalPos(), tip, self)
+                    return True
+        return super().event(event)
 
 
 class CurvePlot(_Plot):
@@ -51,6 +96,15 @@ class CurvePlot(_Plot):
 
     MIN_HEIGHT = 170
 
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setToolTip(
+            "loss: the training loss, per step (faint) and per epoch (left axis; lower is "
+            "better)\nval Dice: pixel overlap with the held-out labels\nval F1@0.5: "
+            "particles found (IoU > 0.5) in the held-out labels (right axis, 0-1; higher is "
+            "better)"
+        )
+
     def clear(self) -> None:
         self.step_loss: list[tuple[float, float]] = []  # (epoch fraction, loss)
         self.epoch_loss: list[tuple[float, float]] = []
@@ -60,7 +114,7 @@ class CurvePlot(_Plot):
     def add_step(self, x: float, loss: float) -> None:
         if math.isfinite(loss):
             self.step_loss.append((x, loss))
-            self.update()
+            self.changed()
 
     def add_epoch(self, epoch: float, data: dict) -> None:
         if math.isfinite(data.get("loss", math.nan)):
@@ -68,7 +122,7 @@ class CurvePlot(_Plot):
         for key in self.scores:
             if key in data and math.isfinite(data[key]):
                 self.scores[key].append((epoch, float(data[key])))
-        self.update()
+        self.changed()
 
     def paintEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
         p = QPainter(self)
@@ -148,20 +202,51 @@ class TermPlot(_Plot):
         self.series: dict[str, list[tuple[float, float]]] = {k: [] for k in TERMS}
         self.update()
 
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setToolTip(
+            "Phase-2 losses (log scale):\n"
+            + "\n".join(f"{name} ({k}): {tip}" for k, (name, tip) in TERM_NAMES.items())
+        )
+
     def add(self, step: float, data: dict) -> None:
         for k in TERMS:
             v = data.get(k)
             if v is not None and math.isfinite(v) and v > 0:
                 self.series[k].append((step, math.log10(v)))
-        self.update()
+        self.changed()
+
+    def _legend_layout(self, fm: Any) -> list[tuple[str, QColor, QRectF]]:
+        """Legend entries (term, colour, rect), wrapped to the widget's width."""
+        h = fm.height()
+        x, row, out = 4.0, 1, []
+        for k, color in zip(TERMS, self.COLORS):
+            width = 13 + fm.horizontalAdvance(TERM_NAMES[k][0])
+            if x > 4.0 and x + width > self.width() - 4:
+                x, row = 4.0, row + 1
+            out.append((k, color, QRectF(x, (row - 1) * h + 2, width, h)))
+            x += width + 10
+        return out
 
     def paintEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
         p = QPainter(self)
         p.setRenderHint(QPainter.RenderHint.Antialiasing)
         fg = self.palette().windowText().color()
         h = p.fontMetrics().height()
-        area = QRectF(36, 2 * h + 6, self.width() - 44, self.height() - 2 * h - 12)
+        legend = self._legend_layout(p.fontMetrics())
+        top = legend[-1][2].bottom() + 6
+        area = QRectF(36, top, self.width() - 44, self.height() - top - 6)
+        self._legend = []
+        for k, color, rect in legend:
+            name, tip = TERM_NAMES[k]
+            y = rect.bottom() - 3
+            p.setPen(QPen(color, 3))
+            p.drawLine(QPointF(rect.left(), y - h / 3), QPointF(rect.left() + 10, y - h / 3))
+            p.setPen(QPen(fg, 1))
+            p.drawText(QPointF(rect.left() + 13, y), name)
+            self._legend.append((rect, f"{name} ({k}): {tip}"))
         if area.width() < 20 or area.height() < 20:
+            p.end()
             return
         p.setPen(QPen(fg, 1))
         p.drawRect(area)
@@ -188,14 +273,4 @@ class TermPlot(_Plot):
             p.setPen(QPen(fg, 1))
             p.drawText(QPointF(2, area.top() + h), f"1e{hi:.0f}")
             p.drawText(QPointF(2, area.bottom()), f"1e{lo:.0f}")
-        x = 4.0
-        for i, (k, color) in enumerate(zip(TERMS, self.COLORS)):
-            if i == 4:
-                x = 4.0
-            row = h if i < 4 else 2 * h
-            p.setPen(QPen(color, 3))
-            p.drawLine(QPointF(x, row - h / 3), QPointF(x + 10, row - h / 3))
-            p.setPen(QPen(fg, 1))
-            p.drawText(QPointF(x + 13, row), k)
-            x += 13 + p.fontMetrics().horizontalAdvance(k) + 10
         p.end()

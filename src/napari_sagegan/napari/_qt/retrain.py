@@ -16,6 +16,7 @@ from qtpy.QtWidgets import QFileDialog, QLabel, QPushButton, QWidget
 from napari_sagegan.napari import jobs
 from napari_sagegan.napari._qt.common import notify_error, notify_info, notify_warning
 from napari_sagegan.napari._qt.parts import (
+    add_result,
     button_row,
     double_spin_box,
     edited_text,
@@ -26,11 +27,7 @@ from napari_sagegan.napari._qt.parts import (
 )
 from napari_sagegan.napari._qt.plots import CurvePlot
 from napari_sagegan.napari._qt.training import TrainingDock
-from napari_sagegan.napari.layers import (
-    add_result_layers,
-    image_input,
-    source_image_name,
-)
+from napari_sagegan.napari.layers import image_input, source_image_name
 
 
 class RetrainWidget(TrainingDock):
@@ -79,8 +76,12 @@ class RetrainWidget(TrainingDock):
             "32 px across for the bundled model)"
         )
         self.model_label = text_label()
+        self.result_label = text_label()
         self.resegment_button = push_button(
-            "Re-segment", "Segment the listed images again with the current model"
+            "Re-segment",
+            "Segment the images of the ticked pairs again with the current model; the "
+            "corrected layers are kept ('Results' in Segment: new layers, or replace the "
+            "unedited ones)",
         )
         self.previous_button = QPushButton("Use previous model")
         self.save_button = QPushButton("Save model...")
@@ -92,7 +93,7 @@ class RetrainWidget(TrainingDock):
             ("Learning rate", self.lr_spin),
         )
         after = button_row(self.resegment_button, self.previous_button, self.save_button)
-        self.training_layout(form, self.model_label, after)
+        self.training_layout(form, self.model_label, after, self.result_label)
         self._busy_widgets = [
             self.train_button,
             self.resegment_button,
@@ -179,7 +180,9 @@ class RetrainWidget(TrainingDock):
     def resegment(self) -> Any:
         """Segment the images of the ticked pairs again with the current model, at the
         particle size set in the Segment dock (the viewer's
-        :class:`~napari_sagegan.napari.state.ParticleSize`; estimated when not set)."""
+        :class:`~napari_sagegan.napari.state.ParticleSize`; estimated when not set). The
+        new layers follow the viewer's "Results" setting
+        (:class:`~napari_sagegan.napari.state.ResultLayers`); corrected layers are kept."""
         if self.is_running:
             return None
         names = []
@@ -199,6 +202,7 @@ class RetrainWidget(TrainingDock):
         except (ValueError, FileNotFoundError) as err:
             notify_error(str(err))
             return None
+        self.result_label.setText("")
         return self.run_with_progress(
             jobs.segment_layers(
                 self.store.current,
@@ -214,4 +218,10 @@ class RetrainWidget(TrainingDock):
 
     def _show_result(self, ev: Any) -> None:
         if ev.stage == "image":
-            add_result_layers(self.viewer, ev.data["result"])
+            self.later(self._add_result, ev.data["result"])
+
+    def _add_result(self, result: Any) -> None:
+        """One re-segmented image into the viewer (one turn of the event loop)."""
+        line = add_result(self.viewer, result, replace=self.state.results.replace)
+        text = self.result_label.text()
+        self.result_label.setText((text + "\n" if text else "") + line)

@@ -4,6 +4,16 @@ Thin: :meth:`SegmentWidget.arguments` gathers the values, :func:`napari_sagegan.
 segment_layers` (over :func:`napari_sagegan.api.segment`) does the work, and each finished
 image becomes a Labels layer (:func:`napari_sagegan.napari.layers.add_result_layers`).
 
+Earlier results are never replaced silently: "Results" chooses between adding new layers
+(the default) and replacing the unedited result of the same image (a corrected one is always
+kept: :func:`~napari_sagegan.napari.layers.replaceable_layer`), and the result line names
+the layer written by its real name. Layers are added one per turn of the event loop.
+
+"Folder of files" segments every micrograph of a folder into an output folder
+(:func:`napari_sagegan.napari.jobs.segment_folder`: the files ``sagegan segment --csv``
+writes), in the worker, without opening them in the viewer; it says how many images were
+done and which failed.
+
 "Estimate" (:func:`napari_sagegan.napari.jobs.estimate_size`, over
 :func:`napari_sagegan.api.estimate_size`) shows the particle size before segmenting and
 fills the particle-size field (the user may type another); an uncertain estimate is a
@@ -15,7 +25,6 @@ Correct and retrain uses it too.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from napari.layers import Image
@@ -23,6 +32,7 @@ from qtpy.QtWidgets import (
     QCheckBox,
     QFileDialog,
     QFormLayout,
+    QGroupBox,
     QLabel,
     QPushButton,
     QVBoxLayout,
@@ -30,27 +40,35 @@ from qtpy.QtWidgets import (
 )
 
 from napari_sagegan.napari import jobs
-from napari_sagegan.napari._qt.common import ModelDock, notify_error, notify_info, notify_warning
+from napari_sagegan.napari._qt.common import (
+    ModelDock,
+    notify_error,
+    notify_info,
+    notify_warning,
+    open_all_docks,
+)
 from napari_sagegan.napari._qt.parts import (
     LayerCombo,
     ModelCombo,
     ProgressPanel,
+    add_result,
     button_row,
     combo_box,
     device_combo,
     double_spin_box,
+    folder_row,
     push_button,
     spin_box,
     status_text,
     text_label,
 )
+from napari_sagegan.napari.calibration import apply_pixel_size, pixel_size_of, watch_viewer
 from napari_sagegan.napari.layers import (
     ADVICE_OPEN,
     ImageInput,
-    add_result_layers,
     image_input,
-    source_image_name,
 )
+from napari_sagegan.napari.state import ResultLayers
 
 
 class SegmentWidget(ModelDock):
@@ -60,6 +78,17 @@ class SegmentWidget(ModelDock):
         super().__init__(napari_viewer, parent)
         self.image_combo = LayerCombo(napari_viewer, Image)
         self.image_combo.setToolTip("The image layer to segment (2-D image or 3-D stack)")
+        self.pixel_size_spin = double_spin_box(
+            0.0,
+            1e6,
+            0.0,
+            decimals=4,
+            suffix=" nm",
+            special="unknown",
+            tooltip="nm per pixel of the chosen image: read from its file when it records "
+            "one; type it once for an image that has none (kept for that image and its "
+            "labels, in every dock)",
+        )
         self.all_images = QCheckBox("all open images (one Labels layer each)")
         self.model_combo = ModelCombo(self.store)
         self.model_combo.setToolTip(
@@ -99,6 +128,7 @@ class SegmentWidget(ModelDock):
             "confidence) and put it in the field; type another if you know better",
         )
         self.size_label = text_label()
+        self.size_label.setVisible(False)  # until there is an estimate to show
         self.pixel_size_button = push_button(
             "", "Set the image layer's pixel size to the one its scale bar gives"
         )
@@ -107,9 +137,47 @@ class SegmentWidget(ModelDock):
         self.split_check = QCheckBox("split touching particles")
         self.split_check.setChecked(True)
         self.attention_check = QCheckBox("show attention map")
+        self.results_combo = combo_box(
+            ResultLayers.MODES,
+            "What a new segmentation does to an earlier result of the same image: add new "
+            "layers (nothing is replaced), or replace the result layer nobody edited. A "
+            "corrected layer is never replaced",
+        )
         self.run_button = QPushButton("Segment")
         self.progress = ProgressPanel()
         self.result_label = text_label()
+        self.docks_button = push_button(
+            "Open all docks as tabs",
+            "Open all the plugin's docks as tabs of one dock area (fits a laptop screen)",
+        )
+        # a folder of files, segmented into an output folder (nothing opened in the viewer)
+        self.folder_box = QGroupBox("Folder of files (written to disk, not opened)")
+        self.folder_box.setCheckable(True)
+        self.folder_box.setChecked(False)
+        self.folder_box.setToolTip(
+            "Segment every micrograph of a folder, as `sagegan segment --csv`: labels "
+            "<name>.tif, particle tables <name>.csv and segment_report.json in the output "
+            "folder, with the settings above"
+        )
+        self.input_edit, input_row = folder_row(
+            "folder of micrographs", "The images to segment (not sub-folders)", "Input folder"
+        )
+        self.output_edit, output_row = folder_row(
+            "output folder", "Where the label TIFFs, tables and report go", "Output folder"
+        )
+        self.folder_button = push_button(
+            "Segment folder", "Segment every image of the input folder into the output folder"
+        )
+        self._folder_inner = QWidget()
+        folder_form = QFormLayout(self._folder_inner)
+        folder_form.setContentsMargins(0, 0, 0, 0)
+        folder_form.addRow("Input", input_row)
+        folder_form.addRow("Output", output_row)
+        folder_form.addRow("", self.folder_button)
+        box_lay = QVBoxLayout(self.folder_box)
+        box_lay.addWidget(self._folder_inner)
+        self._folder_inner.setVisible(False)
+        self.folder_box.toggled.connect(self._folder_inner.setVisible)
 
         model_row = button_row(self.model_combo, self.load_button, stretch=0)
         device_row = button_row(self.device_combo, self.device_label, stretch=1)
@@ -118,6 +186,7 @@ class SegmentWidget(ModelDock):
         )
         form = QFormLayout()
         form.addRow("Image", self.image_combo)
+        form.addRow("Pixel size", self.pixel_size_spin)
         form.addRow("", self.all_images)
         form.addRow("Model", model_row)
         form.addRow("Device", device_row)
@@ -128,20 +197,32 @@ class SegmentWidget(ModelDock):
         form.addRow("", self.pixel_size_button)
         form.addRow("", self.split_check)
         form.addRow("", self.attention_check)
+        form.addRow("Results", self.results_combo)
         lay = QVBoxLayout(self)
         lay.addLayout(form)
         lay.addWidget(self.run_button)
+        lay.addWidget(self.folder_box)
         lay.addWidget(self.progress)
         lay.addWidget(self.result_label)
         lay.addStretch(1)
+        lay.addWidget(self.docks_button)
         self._busy_widgets = [
             self.run_button,
             self.load_button,
             self.model_combo,
             self.estimate_button,
             self.pixel_size_button,
+            self.folder_button,
         ]
 
+        self.results = []
+        self.folder_report: Any = None
+        self.result_layers = self.state.results
+        self.results_combo.setCurrentText(self.result_layers.mode)
+        self.results_combo.currentTextChanged.connect(self.result_layers.set)
+        self.result_layers.subscribe(self._show_result_mode)
+        self.docks_button.clicked.connect(lambda: open_all_docks(self.viewer))
+        self.folder_button.clicked.connect(self.run_folder)
         self.run_button.clicked.connect(self.run)
         self.progress.cancel_button.clicked.connect(self.cancel)
         self.load_button.clicked.connect(self._load_dialog)
@@ -156,6 +237,13 @@ class SegmentWidget(ModelDock):
         self.particle_size.subscribe(self._show_particle_size)
         self.apply_model_settings()
         self.store.subscribe(self._current_model_changed)
+        watch_viewer(napari_viewer, self.state)
+        self.image_combo.currentTextChanged.connect(self._show_pixel_size)
+        for event in ("inserted", "removed"):
+            getattr(napari_viewer.layers.events, event).connect(self._show_pixel_size)
+        self.pixel_size_spin.editingFinished.connect(self.set_pixel_size)
+        self.state.pixel_sizes.subscribe(self._show_pixel_size)
+        self._show_pixel_size()
 
     # ------------------------------------------------------------------ models
     def _model_chosen(self, index: int) -> None:
@@ -209,6 +297,36 @@ class SegmentWidget(ModelDock):
         notify_info(f"model {entry.name} loaded")
         return True
 
+    # ------------------------------------------------------------------ pixel size
+    def _show_pixel_size(self, *_: Any) -> None:
+        """Show the chosen image's pixel size (set for it, or from its layer or file)."""
+        try:
+            layer = self.image_combo.layer()
+            self.pixel_size_spin.blockSignals(True)
+            self.pixel_size_spin.setValue(pixel_size_of(layer, self.state).nm or 0.0)
+            self.pixel_size_spin.blockSignals(False)
+        except RuntimeError:  # deleted widget
+            pass
+
+    def set_pixel_size(self, nm: float | None = None) -> bool:
+        """Keep the pixel size in the field (or ``nm``) for the chosen image, in every dock:
+        the image and the layers made from it get that scale (0 forgets it)."""
+        layer = self.image_combo.layer()
+        if nm is not None:
+            self.pixel_size_spin.setValue(float(nm))
+        if layer is None:
+            return False
+        value = self.pixel_size_spin.value()
+        known = pixel_size_of(layer, self.state).nm or 0.0
+        if abs(value - known) <= 1e-9 * max(value, known, 1e-12):
+            return True  # unchanged (focus left the field): nothing to record
+        try:
+            apply_pixel_size(self.viewer.layers, layer.name, value or None, self.state)
+        except ValueError as err:
+            notify_error(str(err))
+            return False
+        return True
+
     # ------------------------------------------------------------------ particle size
     def _particle_size_edited(self, *_: Any) -> None:
         self.particle_size.set(self.diameter_spin.value(), self.diameter_unit.currentText())
@@ -242,6 +360,7 @@ class SegmentWidget(ModelDock):
         self.estimate = None
         self.pixel_size_button.setVisible(False)
         self.size_label.setText("")
+        self.size_label.setVisible(False)
         return self.run_with_progress(
             jobs.estimate_size(
                 entry,
@@ -281,6 +400,7 @@ class SegmentWidget(ModelDock):
                 self.pixel_size_button.setText(f"Use pixel size {px:.4g} nm (from the scale bar)")
                 self.pixel_size_button.setVisible(True)
         self.size_label.setText("\n".join(lines))
+        self.size_label.setVisible(True)
 
     def apply_pixel_size(self) -> bool:
         """Set the estimated image layer's pixel size to its scale bar's (the button): the
@@ -290,18 +410,7 @@ class SegmentWidget(ModelDock):
         if not px or est.name not in self.viewer.layers:
             notify_warning("There is no scale-bar pixel size to apply: press Estimate first.")
             return False
-        image = self.viewer.layers[est.name]
-        targets = [image] + [
-            ly
-            for ly in self.viewer.layers
-            if ly is not image and ly.ndim == image.ndim and source_image_name(ly) == est.name
-        ]
-        for layer in targets:
-            nd = layer.ndim
-            layer.scale = tuple(layer.scale[: nd - 2]) + (px, px)
-            with contextlib.suppress(AttributeError, ValueError, TypeError):  # napari < 0.6
-                layer.units = tuple(layer.units[: nd - 2]) + ("nm", "nm")
-            layer.metadata = {**layer.metadata, "pixel_size_nm": px, "unit": "nm"}
+        apply_pixel_size(self.viewer.layers, est.name, px, self.state, source="scale bar")
         self.pixel_size_button.setVisible(False)
         notify_info(f"{est.name}: pixel size set to {px:.4g} nm (from its scale bar)")
         return True
@@ -377,27 +486,39 @@ class SegmentWidget(ModelDock):
             on_done=self._on_done,
         )
 
+    def _show_result_mode(self) -> None:
+        try:
+            self.results_combo.blockSignals(True)
+            self.results_combo.setCurrentText(self.result_layers.mode)
+            self.results_combo.blockSignals(False)
+        except RuntimeError:  # deleted widget
+            pass
+
+    def _add_line(self, line: str) -> None:
+        text = self.result_label.text()
+        self.result_label.setText((text + "\n" if text else "") + line)
+
     def _on_event(self, ev: Any) -> None:
-        """Show the device used and each finished image (the progress panel shows ``ev``)."""
+        """Show the device used; queue each finished image for the viewer (the progress
+        panel shows ``ev``)."""
         if ev.data.get("device"):
             used = str(ev.data["device"]).replace("(1 threads)", "(1 thread)")
             self.device_label.setText(f"used: {used}")
         if ev.stage == "image":
-            result = ev.data["result"]
-            add_result_layers(self.viewer, result)
-            self._n_done += 1
-            line = result.describe()
-            if ev.data.get("annotations"):
-                line += f"; {ev.data['annotations']}"
-            text = self.result_label.text()
-            self.result_label.setText((text + "\n" if text else "") + line)
-            scale = result.scale
-            if scale is not None and scale.uncertain:
-                notify_warning(
-                    f"{result.image.name}: the particle size was uncertain (confidence "
-                    f"{scale.confidence:.2f}): check the outlines, or set the particle size "
-                    "(Estimate, or type it) and segment again"
-                )
+            self.later(self._add_result, ev.data["result"], ev.data.get("annotations"))
+
+    def _add_result(self, result: Any, annotations: str | None) -> None:
+        """One finished image into the viewer (one turn of the event loop)."""
+        line = add_result(self.viewer, result, replace=self.result_layers.replace)
+        self._n_done += 1
+        self._add_line(line + (f"; {annotations}" if annotations else ""))
+        scale = result.scale
+        if scale is not None and scale.uncertain:
+            notify_warning(
+                f"{result.image.name}: the particle size was uncertain (confidence "
+                f"{scale.confidence:.2f}): check the outlines, or set the particle size "
+                "(Estimate, or type it) and segment again"
+            )
 
     def _on_return(self, results: list) -> None:
         self.results = results
@@ -405,3 +526,90 @@ class SegmentWidget(ModelDock):
     def _on_done(self, status: str) -> None:
         kept = f" ({self._n_done} finished image(s) kept)" if self._n_done else ""
         self.progress.finish(status_text(status) + (kept if status != "done" else ""))
+
+    # ------------------------------------------------------------------ folder of files
+    def folder_arguments(self) -> dict | None:
+        """The arguments of :func:`~napari_sagegan.napari.jobs.segment_folder`; ``None``
+        (and a notification) when they are incomplete."""
+        folder = self.input_edit.text().strip()
+        out = self.output_edit.text().strip()
+        if not folder or not out:
+            notify_warning(
+                "Choose an input folder of micrographs and an output folder (Browse...)."
+            )
+            return None
+        entry = self.store.current
+        if not self.check_model(entry):
+            return None
+        size = self.particle_size
+        return {
+            "entry": entry,
+            "folder": folder,
+            "out": out,
+            "device": self.device_combo.currentText(),
+            "infer": self._infer(),
+            "diameter": None if size.auto or size.unit != "px" else max(size.value, 1.0),
+            "diameter_nm": None if size.auto or size.unit != "nm" else size.value,
+            "threads": self.threads,
+        }
+
+    def run_folder(self) -> Any:
+        """Segment the input folder into the output folder (the button); returns the
+        worker, or ``None`` if not started."""
+        if self.is_running:
+            return None
+        args = self.folder_arguments()
+        if args is None:
+            return None
+        self._folder_counts = {"done": 0, "failed": []}
+        self.folder_report = None
+        self.result_label.setText("")
+        return self.run_with_progress(
+            jobs.segment_folder(**args),
+            f"segmenting the images of {args['folder']} with {args['entry'].name} ...",
+            on_yield=self._on_folder_event,
+            on_return=self._on_folder_return,
+            on_done=self._on_folder_done,
+        )
+
+    def _on_folder_event(self, ev: Any) -> None:
+        if ev.data.get("device"):
+            used = str(ev.data["device"]).replace("(1 threads)", "(1 thread)")
+            self.device_label.setText(f"used: {used}")
+        if ev.stage != "image":
+            return
+        if "error" in ev.data:
+            self._folder_counts["failed"].append((ev.data["image"], ev.data["error"]))
+            self._add_line(f"{ev.data['image']}: failed: {ev.data['error']}")
+        else:
+            self._folder_counts["done"] += 1
+            r = ev.data["result"]
+            line = f"{r.name}: {r.n_particles} particles"
+            if r.scale is not None and r.scale.diameter is not None:
+                line += f" ({r.scale.describe(r.pixel_size.nm)})"
+            self._add_line(line)
+
+    def _on_folder_return(self, report: Any) -> None:
+        self.folder_report = report
+
+    def _on_folder_done(self, status: str) -> None:
+        report, counts = self.folder_report, self._folder_counts
+        failed = counts["failed"]
+        if report is not None:
+            text = report.describe()
+        else:  # cancelled (the job's report is not returned): the counts seen
+            done = counts["done"]
+            text = f"{done} image{'s' if done != 1 else ''} segmented"
+            text += f", {len(failed)} failed" if failed else ""
+            text += f" -> {self.output_edit.text().strip()}" if done or failed else ""
+        if status == "cancelled":
+            text = f"cancelled: {text} (the images done are written, with their report)"
+        elif status == "error":
+            text = "failed: nothing was written"
+        self.progress.finish(text)
+        if failed and status != "error":
+            names = ", ".join(name for name, _ in failed[:3]) + (", ..." if len(failed) > 3 else "")
+            notify_warning(
+                f"{len(failed)} image(s) could not be segmented ({names}); the reasons are in "
+                "the dock and in segment_report.json"
+            )

@@ -4,10 +4,15 @@
 and curve plot, lays them out around the dock's own fields, gathers the arguments of a
 :mod:`napari_sagegan.napari.jobs` training job, runs it in a worker and reports its end; a
 dock adds its fields, its configuration, how it shows training events and what it keeps.
+
+A run that its time budget ends says so ("stopped at the 1-minute limit after 130 of 200
+steps"), and a dock whose budget is a time only (phase 2) shows time-based progress:
+minutes elapsed of the budget, and the steps done.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -65,6 +70,7 @@ class TrainingDock(ModelDock):
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
         super().__init__(napari_viewer, parent)
         self.task: Any = None
+        self._t0: float | None = None  # when the fit loop started (time-based progress)
         training_set = getattr(self.state, self.training_set)
         self.pairs = PairPicker(napari_viewer, training_set, **self.picker)
         self.pair_list = self.pairs.list
@@ -133,6 +139,7 @@ class TrainingDock(ModelDock):
             return None
         self.task = self.job(**args)
         self.plot.clear()
+        self._t0 = None
         return self.run_with_progress(
             self.task.run(),
             self.start_words.format(base=args["base"].name),
@@ -143,6 +150,26 @@ class TrainingDock(ModelDock):
     def show_training_event(self, ev: Any) -> None:
         """Show one training event (curves, preview); the progress panel shows it after."""
 
+    def show_progress(self, ev: Any) -> None:
+        """The progress panel: steps of the budget, or, for a job whose budget is a time
+        only (``budget_in_steps`` false), minutes elapsed of the time limit and steps done."""
+        task = self.task
+        if ev.stage == "prepare":
+            self._t0 = time.perf_counter()
+        minutes = task.time_limit_minutes if task is not None else None
+        if task is None or task.budget_in_steps or not minutes or ev.stage == "prepare":
+            self.progress.show(ev)
+            return
+        elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
+        step = task.steps[0]
+        if ev.stage == "train":
+            loss = ev.data.get("loss")
+            text = f"{step} step{'s' if step != 1 else ''}, epoch {ev.data.get('epoch', '?')}"
+            text += f", loss {loss:.3f}" if isinstance(loss, float) else ""
+        else:
+            text = ev.message
+        self.progress.show_time(elapsed, 60.0 * minutes, text)
+
     def _on_training_done(self, status: str) -> None:
         task, self.task = self.task, None  # free the training data and the optimisers
         result = task.result() if task is not None else None
@@ -151,7 +178,7 @@ class TrainingDock(ModelDock):
             self.progress.finish(f"{text}; {self.unchanged}")
             return
         summary = self.trained(task, result)
-        how = self.cancelled_kept if status == "cancelled" else "done"
+        how = self.cancelled_kept if status == "cancelled" else (task.limit_text() or "done")
         self.progress.finish(f"{how}: {summary}")
 
     def trained(self, task: Any, result: Any) -> str:  # pragma: no cover (abstract)
