@@ -102,6 +102,56 @@ class GanResult:
     skipped_steps: int = 0
 
 
+# --------------------------------------------------------------------------- shared parts
+
+
+def phase2_sampler(images, labels, train: Any, divisor: int) -> PatchSampler:
+    """The patch sampler of phase 2 (and of the generator's pre-training): geometric
+    augmentations only (intensity ones would teach G other images than the pairs'); refuses a
+    patch size that the networks' down-sampling factor ``divisor`` does not divide."""
+    if train.patch_size % divisor:
+        raise ValueError(
+            f"patch_size {train.patch_size} must be a multiple of {divisor} (the networks' "
+            "down-sampling factor)"
+        )
+    return PatchSampler(
+        images,
+        labels,
+        patch_size=train.patch_size,
+        fg_bias=train.fg_bias,
+        augment_p=train.augment_p,
+        augment_ops=GEOMETRIC,
+        min_area=train.min_instance_area,
+        seed=train.seed + 1,
+    )
+
+
+def centre_crops(
+    images, labels, patch: int, divisor: int, *, limit: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Up to ``limit`` centre crops ``(image in [-1, 1], particle mask)``, each ``(1, 1, s, s)``
+    with ``s`` the patch size (or the image's smaller side) rounded down to ``divisor``."""
+    out = []
+    for im, lab in zip(images, labels):
+        im, lab = np.asarray(im), np.asarray(lab)
+        side = min(patch, *im.shape)
+        side -= side % divisor
+        if side < divisor:
+            continue
+        y0, x0 = (im.shape[0] - side) // 2, (im.shape[1] - side) // 2
+        x = normalize(im)[y0 : y0 + side, x0 : x0 + side]
+        fg = (lab > 0)[y0 : y0 + side, x0 : x0 + side].astype(np.float32)
+        out.append(
+            (
+                torch.from_numpy(np.ascontiguousarray(x))[None, None],
+                torch.from_numpy(np.ascontiguousarray(fg))[None, None],
+            )
+        )
+        if len(out) >= limit:
+            break
+    return out
+
+
 # --------------------------------------------------------------------------- trainer
 
 
@@ -196,22 +246,7 @@ class GanTrainer(Fit):
             base_channels=cfg.disc_base_channels, attention=cfg.disc_attention
         )
         div = math.lcm(self.seg_arch.divisor, self.gen_config.divisor)
-        patch = cfg.train.patch_size
-        if patch % div:
-            raise ValueError(
-                f"patch_size {patch} must be a multiple of {div} (the networks' "
-                "down-sampling factor)"
-            )
-        self.sampler = PatchSampler(
-            self.train_images,
-            self.train_labels,
-            patch_size=patch,
-            fg_bias=cfg.train.fg_bias,
-            augment_p=cfg.train.augment_p,
-            augment_ops=GEOMETRIC,
-            min_area=cfg.train.min_instance_area,
-            seed=cfg.train.seed + 1,
-        )
+        self.sampler = phase2_sampler(self.train_images, self.train_labels, cfg.train, div)
         self.G = StyleUNetGenerator(self.gen_config).to(self.device)
         if gen_init is not None:
             self.G.load_state_dict({k: v.float() for k, v in gen_init.state_dict.items()})
@@ -263,26 +298,14 @@ class GanTrainer(Fit):
 
     def _generator_val_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Fixed centre crops (image, particle mask) used to score G (SSIM) and to preview."""
-        images = self.val_images or self.train_images
-        labels = self.val_labels or self.train_labels
         div = math.lcm(self.seg_arch.divisor, self.gen_config.divisor)
-        out = []
-        for im, lab in zip(images, labels):
-            im, lab = np.asarray(im), np.asarray(lab)
-            side = min(self.config.train.patch_size, *im.shape)
-            side -= side % div
-            if side < div:
-                continue
-            y0, x0 = (im.shape[0] - side) // 2, (im.shape[1] - side) // 2
-            x = normalize(im)[y0 : y0 + side, x0 : x0 + side]
-            fg = (np.asarray(lab) > 0)[y0 : y0 + side, x0 : x0 + side]
-            out.append(
-                (
-                    torch.from_numpy(np.ascontiguousarray(x))[None, None],
-                    torch.from_numpy(fg.astype(np.float32))[None, None],
-                )
-            )
-        return out[:8]
+        return centre_crops(
+            self.val_images or self.train_images,
+            self.val_labels or self.train_labels,
+            self.config.train.patch_size,
+            div,
+            limit=8,
+        )
 
     # ------------------------------------------------------------------ one iteration
     def set_input(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:

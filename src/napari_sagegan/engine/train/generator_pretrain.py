@@ -35,12 +35,10 @@ import torch.nn.functional as F
 
 from ..checkpoint import GENERATOR, Checkpoint, state_on_cpu
 from ..config import GanConfig
-from ..data.augment import GEOMETRIC
-from ..data.intensity import normalize
-from ..data.sampling import PatchSampler
 from ..nets.discriminator import DiscriminatorConfig, PatchDiscriminator
 from ..nets.generator import GeneratorConfig, StyleUNetGenerator
 from .diffaug import diff_augment
+from .gan import centre_crops, phase2_sampler
 from .loop import Fit
 from .losses import ms_ssim_loss, mse_to, set_requires_grad, ssim_index
 
@@ -98,21 +96,8 @@ class GeneratorTrainer(Fit):
         self.disc_config = DiscriminatorConfig(
             base_channels=cfg.disc_base_channels, attention=cfg.disc_attention
         )
-        div = self.gen_config.divisor
-        if cfg.train.patch_size % div:
-            raise ValueError(
-                f"patch_size {cfg.train.patch_size} must be a multiple of {div} (the "
-                "generator's down-sampling factor)"
-            )
-        self.sampler = PatchSampler(
-            self.train_images,
-            self.train_labels,
-            patch_size=cfg.train.patch_size,
-            fg_bias=cfg.train.fg_bias,
-            augment_p=cfg.train.augment_p,
-            augment_ops=GEOMETRIC,
-            min_area=cfg.train.min_instance_area,
-            seed=cfg.train.seed + 1,
+        self.sampler = phase2_sampler(
+            self.train_images, self.train_labels, cfg.train, self.gen_config.divisor
         )
         self.G = StyleUNetGenerator(self.gen_config).to(self.device)
         if init_ck is not None:
@@ -138,28 +123,13 @@ class GeneratorTrainer(Fit):
 
     # ------------------------------------------------------------------ data
     def _val_crops(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        images = self.val_images or self.train_images
-        labels = self.val_labels or self.train_labels
-        div = self.gen_config.divisor
-        out = []
-        for im, lab in zip(images, labels):
-            im, lab = np.asarray(im), np.asarray(lab)
-            side = min(self.config.train.patch_size, *im.shape)
-            side -= side % div
-            if side < div:
-                continue
-            y0, x0 = (im.shape[0] - side) // 2, (im.shape[1] - side) // 2
-            x = normalize(im)[y0 : y0 + side, x0 : x0 + side]
-            fg = (lab > 0)[y0 : y0 + side, x0 : x0 + side].astype(np.float32)
-            out.append(
-                (
-                    torch.from_numpy(np.ascontiguousarray(x))[None, None],
-                    torch.from_numpy(np.ascontiguousarray(fg))[None, None],
-                )
-            )
-            if len(out) >= N_VAL_CROPS:
-                break
-        return out
+        return centre_crops(
+            self.val_images or self.train_images,
+            self.val_labels or self.train_labels,
+            self.config.train.patch_size,
+            self.gen_config.divisor,
+            limit=N_VAL_CROPS,
+        )
 
     # ------------------------------------------------------------------ one step
     def train_step(self, epoch: int) -> dict[str, float]:
