@@ -25,7 +25,6 @@ from napari.layers import Image, Labels
 from qtpy.QtCore import QSortFilterProxyModel, Qt
 from qtpy.QtWidgets import (
     QCheckBox,
-    QFileDialog,
     QFormLayout,
     QPushButton,
     QTableView,
@@ -37,7 +36,13 @@ from qtpy.QtWidgets import (
 from napari_sagegan import api
 from napari_sagegan.io.pixel_size import PixelSize
 from napari_sagegan.napari._qt.common import DockBase
-from napari_sagegan.napari._qt.parts import button_row, combo_box, double_spin_box, text_label
+from napari_sagegan.napari._qt.parts import (
+    ask_csv_path,
+    button_row,
+    combo_box,
+    double_spin_box,
+    text_label,
+)
 from napari_sagegan.napari._qt.summary import SummaryPanel, TableModel
 from napari_sagegan.napari.calibration import (
     apply_pixel_size,
@@ -570,11 +575,9 @@ class MeasureWidget(DockBase):
         return Path(path)
 
     def _export_dialog(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Export particle table", "", "CSV (*.csv)")
-        if not path:
+        path = ask_csv_path(self, "Export particle table")
+        if path is None:
             return
-        if not path.lower().endswith(".csv"):
-            path += ".csv"
         try:
             self.export_csv(path)
         except (OSError, ValueError) as err:

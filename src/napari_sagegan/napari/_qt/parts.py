@@ -99,6 +99,16 @@ def device_combo(tooltip: str | None = None) -> QComboBox:
     return combo_box(DEVICES, tooltip)
 
 
+def ask_csv_path(parent: QWidget, title: str) -> str | None:
+    """A CSV file name from a save dialog (``.csv`` added when missing); ``None``: cancelled."""
+    from qtpy.QtWidgets import QFileDialog
+
+    path, _ = QFileDialog.getSaveFileName(parent, title, "", "CSV (*.csv)")
+    if not path:
+        return None
+    return path if path.lower().endswith(".csv") else path + ".csv"
+
+
 def push_button(text: str, tooltip: str | None = None) -> QPushButton:
     """A button with its tooltip."""
     button = QPushButton(text)

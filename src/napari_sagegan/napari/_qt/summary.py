@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 from qtpy.QtCore import QAbstractTableModel, QModelIndex, QSortFilterProxyModel, Qt
-from qtpy.QtWidgets import QFileDialog, QPushButton, QTableView, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QPushButton, QTableView, QVBoxLayout, QWidget
 
-from napari_sagegan.napari._qt.parts import button_row, text_label
+from napari_sagegan.napari._qt.parts import ask_csv_path, button_row, text_label
 from napari_sagegan.napari.summary import POOLED_SOURCE
 
 
@@ -159,11 +159,9 @@ class SummaryPanel(QWidget):
         return write_summary_table(path, self.table)
 
     def _export_dialog(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Export summary table", "", "CSV (*.csv)")
-        if not path:
+        path = ask_csv_path(self, "Export summary table")
+        if path is None:
             return
-        if not path.lower().endswith(".csv"):
-            path += ".csv"
         try:
             self.export_csv(path)
         except (OSError, ValueError) as err:
