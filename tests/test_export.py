@@ -244,3 +244,28 @@ def test_export_ticks_segment_results_only_by_default(make_napari_viewer, qtbot,
     csv = pd.read_csv(tmp_path / "particles.csv")
     assert csv["pixel_size_nm"].isna().all() and "area_nm2" not in csv
     assert read_labels_scale(tmp_path / "drawn.tif") == ((1.0, 1.0), None)
+
+
+def test_export_csv_carries_the_network_confidence(make_napari_viewer, qtbot, tmp_path):
+    """The confidence Segment put in a layer's features reaches particles.csv, by label; a
+    layer without one gets an empty column."""
+    from napari_sagegan.napari._qt.export import ExportWidget
+
+    viewer = make_napari_viewer()
+    widget = ExportWidget(viewer)
+    lab = labels_2d()
+    ids = np.unique(lab)[1:]
+    layer = viewer.add_labels(lab, name="a labels")
+    layer.features = pd.DataFrame({"label": ids, "confidence": [0.9, 0.2, 0.55][: len(ids)]})
+    viewer.add_labels(lab.copy(), name="b labels")
+    widget.refresh()
+    widget.tick_all(True)
+    worker = widget.export_all(str(tmp_path))
+    assert worker is not None
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=10_000)
+    csv = pd.read_csv(tmp_path / "particles.csv")
+    a = csv[csv["layer"] == "a labels"]
+    assert dict(zip(a["label"], a["confidence"])) == pytest.approx(
+        dict(zip(ids, [0.9, 0.2, 0.55][: len(ids)]))
+    )
+    assert csv.loc[csv["layer"] == "b labels", "confidence"].isna().all()

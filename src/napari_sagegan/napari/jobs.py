@@ -773,17 +773,19 @@ def export_plan(names: Sequence[str], folder: Path, csv: bool) -> list[Path]:
 def export_layers(
     items: Sequence[tuple], paths: Sequence[Path], csv: bool
 ) -> Generator[Progress, None, list[Path]]:
-    """Write each ``(name, labels, scale, unit[, pixel_size_nm])`` to its path, then the CSV
-    (worker thread).
+    """Write each ``(name, labels, scale, unit[, pixel_size_nm[, confidence]])`` to its path,
+    then the CSV (worker thread).
 
     The TIFF gets ``scale`` in ``unit`` (resolution and unit, as Fiji reads them). The CSV
     has one row per particle of every layer: ``layer``, ``file``, ``pixel_size_nm`` (empty
     when unknown), sizes in pixels, ``touches_border`` and, when ``pixel_size_nm`` is known,
     sizes in nm (``area_nm2``, ``equivalent_diameter_nm``, centroids); without it, in
-    ``unit`` when the scale has one.
+    ``unit`` when the scale has one; last, ``confidence`` (the network's, by label) when the
+    item has one.
     """
     import pandas as pd
 
+    from napari_sagegan.engine.infer.confidence import with_confidence
     from napari_sagegan.io.export import particle_table, write_labels_tiff
     from napari_sagegan.util.files import atomic_path
 
@@ -801,6 +803,8 @@ def export_layers(
             table.insert(0, "layer", name)
             table.insert(1, "file", path.name)
             table.insert(2, "pixel_size_nm", float(nm) if nm else np.nan)
+            if len(item) > 5 and item[5] is not None:
+                table = with_confidence(table, item[5])
             tables.append(table)
         yield Progress("export", i + 1, len(items), message=f"wrote {path.name}")
     written = list(paths[: len(items)])

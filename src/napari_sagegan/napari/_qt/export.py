@@ -188,9 +188,10 @@ class ExportWidget(DockBase):
             self.folder_edit.setText(path)
 
     # ------------------------------------------------------------------ export
-    def item(self, layer: Labels) -> tuple[str, np.ndarray, tuple, str | None, float | None]:
-        """``(name, labels copy, scale, unit, pixel_size_nm)`` of a layer for
-        :func:`~napari_sagegan.napari.jobs.export_layers`.
+    def item(self, layer: Labels) -> tuple:
+        """``(name, labels copy, scale, unit, pixel_size_nm, confidence)`` of a layer for
+        :func:`~napari_sagegan.napari.jobs.export_layers` (``confidence``: the network's
+        per-particle confidence by label, from the layer's features, or ``None``).
 
         The TIFF gets the layer's scale when its units are a length; else the pixel size
         known for it (set by the user, from its image, from its file) in nm.
@@ -202,7 +203,10 @@ class ExportWidget(DockBase):
             meta["pixel_size_nm"] = nm
         scale, unit = layer_scale_unit(tuple(layer.scale), units, meta)
         # a copy: the user may keep painting while the files are written
-        return layer.name, np.array(layer.data), scale, unit, nm
+        from napari_sagegan.napari.proofread import confidence_array
+
+        conf = confidence_array(getattr(layer, "features", None))
+        return layer.name, np.array(layer.data), scale, unit, nm, conf
 
     def export_all(self, folder: str | None = None) -> Any:
         """Export the ticked Labels layers into ``folder`` (default: the folder field).
