@@ -377,7 +377,14 @@ def ship(force: bool = False) -> bool:
                 f"(Yildirim & Cole 2021, annotations MIT) + {N_GENERATED} generated pairs",
             },
         )
-    _write_card(scores, otsu, replaced=better or force, ck=ck, point=point)
+    if better or force:
+        shipped_ck, cal = ck, point.to_dict()
+    else:  # the card describes the model that stays bundled
+        shipped_ck = Checkpoint.load(PACKAGED)
+        cal = dict((shipped_ck.extra or {}).get("calibration") or {})
+        cal.setdefault("threshold", (shipped_ck.infer or {}).get("threshold"))
+        cal.setdefault("seed_threshold", (shipped_ck.infer or {}).get("seed_threshold"))
+    _write_card(scores, otsu, replaced=better or force, ck=shipped_ck, cal=cal)
     print(("replaced" if better or force else "kept") + f" {PACKAGED}; wrote {CARD}")
     return better or force
 
@@ -402,7 +409,9 @@ def _curve_table() -> str:
     return "\n".join(lines)
 
 
-def _write_card(scores: dict, otsu: dict, *, replaced: bool, ck, point) -> None:
+def _write_card(scores: dict, otsu: dict, *, replaced: bool, ck, cal: dict) -> None:
+    """docs/model-card.md for the model bundled after this ``--ship`` (``ck``, calibrated at
+    ``cal``): the campaign's when ``replaced``, else the one that stayed."""
     from napari_sagegan.util.files import atomic_write_text
 
     def row(name, m):
@@ -414,8 +423,12 @@ def _write_card(scores: dict, otsu: dict, *, replaced: bool, ck, point) -> None:
     shipped = "campaign" if replaced else "bundled"
     b, c = scores["bundled"], scores["campaign"]
     size_mb = PACKAGED.stat().st_size / 1e6
-    cal = point.to_dict()
     infer = cal
+    names = (
+        ("previous bundled model", "campaign model (now bundled)")
+        if replaced
+        else ("bundled model (kept)", "campaign model (not shipped)")
+    )
     text = f"""# Model card: the bundled default segmenter
 
 `src/napari_sagegan/models/default.pt` ({size_mb:.1f} MB, float16 weights), used by
@@ -463,10 +476,10 @@ image's median particle diameter:
 
 | model | F1@0.5 (mean of images) | F1@0.5 (pooled) | Dice | size bias |
 |---|---|---|---|---|
-{row("previous bundled model, size found", b["auto"])}
-{row("campaign model, size found", c["auto"])}
-{row("previous bundled model, true size", b["true"])}
-{row("campaign model, true size", c["true"])}
+{row(names[0] + ", size found", b["auto"])}
+{row(names[1] + ", size found", c["auto"])}
+{row(names[0] + ", true size", b["true"])}
+{row(names[1] + ", true size", c["true"])}
 {row("Otsu + watershed", otsu)}
 
 Command: `python scripts/campaign.py --ship`. Shipped: the **{shipped}** model. Speed of the whole pipeline on these images: previous

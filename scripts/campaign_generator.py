@@ -362,7 +362,7 @@ Learning curve (`campaign/generator-curve.csv`; validation: {N_VAL_NOTE}):
 
 {curve}
 
-On crops of the {int(n["val_crops"])} validation crops ({CROP} px, 4 per validation image of
+On {int(n["val_crops"])} crops of the validation images ({CROP} px, 4 per image, of
 articles never trained on), with the masks of those crops: SSIM of the drawn image to the
 real one, and the held-out accuracy of a small CNN trained for 300 steps to tell real crops
 from drawn ones ({int(n["train_crops"])} crops of the training articles each way; 0.5: it
@@ -372,6 +372,13 @@ cannot tell them apart, 1.0: it always can):
 
 Command: `python scripts/campaign_generator.py --ship`. Shipped: the
 **{"campaign" if shipped else "previous (or no)"}** generator.
+
+* **Limits:** a fraction of a CPU-hour of pre-training. Its images are told from real ones
+  less often than a naive renderer's but still most of the time, and their SSIM to the paired
+  real image is below a flat image's: over mixed modalities a mask does not say whether the
+  particles are dark or bright, so a drawing of the other polarity scores below a grey
+  field. It is a starting point that phase 2 adapts to the user's pairs; whether that beats
+  phase 2 from random weights on few-shot episodes is not measured yet (docs/benchmarks.md).
 {CARD_END}"""
     if CARD_BEGIN in text and CARD_END in text:
         head, rest = text.split(CARD_BEGIN, 1)
