@@ -100,6 +100,8 @@ def test_cancel_keeps_the_best_model_so_far(make_napari_viewer, qtbot, tiny_mode
     viewer.add_labels(truth, name="im labels")  # painted by hand: listed, ticked by the user
     seg = make_widget(viewer, tiny_model)
     retrain = make_retrain(viewer, epochs=100, steps=3)
+    # no warm-up over the long budget (the few-shot recipe's), so that three epochs suffice
+    retrain.train_extra["recipe"] = "none"
     retrain.set_checked("im labels")
     base = seg.store.current
 
@@ -111,16 +113,19 @@ def test_cancel_keeps_the_best_model_so_far(make_napari_viewer, qtbot, tiny_mode
     assert "before the first epoch ended" in retrain.progress.status.text()
     assert retrain.train_button.isEnabled()
 
-    # Cancel after two epochs: the best model so far becomes the current one
+    # Cancel after three epochs: the best model so far (better than the base on the
+    # held-out part by then) becomes the current one
     worker = retrain.start_training()
     assert retrain.start_training() is None  # a second click does nothing
     worker.yielded.connect(
-        lambda ev: ev.stage == "validate" and ev.data["epoch"] >= 2 and retrain.cancel()
+        lambda ev: ev.stage == "validate" and ev.data["epoch"] >= 3 and retrain.cancel()
     )
     wait(qtbot, retrain, worker)
     assert retrain.store.current.name == "fine-tuned 1"
-    assert retrain.store.current.ckpt["epoch"] == 2
+    assert retrain.store.current.ckpt["epoch"] == 3
     assert retrain.progress.status.text().startswith("cancelled, best model kept")
+    # with both scores on the held-out part (issue 14)
+    assert "kept the fine-tuned model: fine-tuned F1@0.5" in retrain.progress.status.text()
     assert retrain.train_button.isEnabled() and retrain.previous_button.isEnabled()
 
 

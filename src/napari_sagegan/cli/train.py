@@ -26,7 +26,14 @@ FLAGS = {
     "loss": "training loss",
     "tversky_fp": "Tversky weight of false positives (the authors': 0.3)",
     "tversky_fn": "Tversky weight of false negatives (the authors': 0.7)",
-    "val_fraction": "fraction of the pairs kept for validation",
+    "val_fraction": "fraction of the pairs kept for validation (with fewer than 8 pairs: "
+    "of each image's area, see --holdout)",
+    "holdout": "validate on whole held-out images, or on a held-out band of every image "
+    "(auto: a band with fewer than 8 pairs)",
+    "recipe": "few-shot fine-tuning recipe (auto: when fine-tuning from --init on at most "
+    "10 pairs)",
+    "rehearsal": "generated pairs mixed into training so other sizes and contrasts are not "
+    "forgotten (the few-shot recipe uses 4)",
     "steps_per_epoch": "optimisation steps per epoch (0: one pass over the images' area)",
 }
 
@@ -73,7 +80,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "median diameter is PX pixels (default 32; 0: train at the images' own scale). "
         "Ignored when fine-tuning or resuming: a model keeps its own",
     )
-    config_flags(t, TrainConfig(), FLAGS, loss={"choices": ["focal_tversky", "ce_dice"]})
+    config_flags(
+        t, TrainConfig(), FLAGS, loss={"choices": ["focal_tversky", "ce_dice"]},
+        holdout={"choices": ["auto", "parts", "images"]},
+        recipe={"choices": ["auto", "few-shot", "none"]},
+    )  # fmt: skip
     t.add_argument(
         "--no-calibrate",
         dest="calibrate",
@@ -156,6 +167,13 @@ def run(args: argparse.Namespace) -> int:
             else "there are no validation images to show that the new model is better"
         )
         print(f"sagegan: kept the existing {out}: {why}; --overwrite replaces it anyway")
+        return 0
+    if result.decision is not None and "base_recalibrated" in result.decision:
+        from napari_sagegan.engine.train.segmenter import describe_outcome
+
+        print(f"sagegan: {describe_outcome(result.decision)}")
+    if result.checkpoint is None:
+        print(f"sagegan: nothing written to {out}")
         return 0
     print(
         f"sagegan: wrote {out} (best validation: {_scores(result.best_metrics) or 'n/a'}; "

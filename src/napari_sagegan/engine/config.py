@@ -182,8 +182,39 @@ class TrainConfig(_Config):
     # so that particle sizes are unbiased and F1 is highest (engine/infer/calibrate.py);
     # they are stored in the checkpoint and used by `segment` unless overridden.
     calibrate: bool = True
+    # Validation with few pairs (issue 14). "auto": with fewer than ``FEW_PAIRS`` pairs a
+    # band of every image (``val_fraction`` of its area, at the network scale) is held out
+    # and the rest of every image trains, so that every correction is learned from; with
+    # more, whole images are held out. "parts" / "images" force either.
+    holdout: str = "auto"
+    # The learning-rate schedule: "plateau" (halve on a validation plateau), "cosine" (a
+    # linear warm-up over ``warmup_fraction`` of the run, then a cosine decay to 0; the run's
+    # length is its steps or its time budget, whichever ends it first) or "constant".
+    schedule: str = "plateau"
+    warmup_fraction: float = 0.0
+    # Fraction of the run (at its start) during which the encoder's weights stay fixed.
+    freeze_encoder: float = 0.0
+    # Rehearsal: generated pairs (engine/synthetic/render.make_training_set) mixed into the
+    # training pairs, so that a fine-tune does not forget other sizes and contrasts.
+    rehearsal: int = 0
+    # "auto": a fine-tune (from an existing model) on at most ``FEW_SHOT_MAX`` pairs uses the
+    # few-shot recipe (api.train.few_shot_recipe); "few-shot" always; "none" never.
+    recipe: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.holdout not in ("auto", "parts", "images"):
+            raise ValueError(f"holdout must be 'auto', 'parts' or 'images', got {self.holdout!r}")
+        if self.schedule not in ("plateau", "cosine", "constant"):
+            raise ValueError(
+                f"schedule must be 'plateau', 'cosine' or 'constant', got {self.schedule!r}"
+            )
+        if self.recipe not in ("auto", "few-shot", "none"):
+            raise ValueError(f"recipe must be 'auto', 'few-shot' or 'none', got {self.recipe!r}")
+        for name in ("warmup_fraction", "freeze_encoder"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.rehearsal <= 1000:
+            raise ValueError(f"rehearsal must be 0 to 1000 pairs, got {self.rehearsal}")
         if self.loss not in ("focal_tversky", "ce_dice"):
             raise ValueError(f"loss must be 'focal_tversky' or 'ce_dice', got {self.loss!r}")
         if not MIN_PATCH <= self.patch_size <= MAX_PATCH:

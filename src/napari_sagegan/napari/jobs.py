@@ -591,6 +591,29 @@ class FineTune(_Training):
         tr = self._trained()
         return None if tr is None else tr.best_checkpoint(extra={"base_model": self.base.name})
 
+    #: What was used for what (``"training on 2 images (74 % of each), validating on their
+    #: held-out 20 % ..."``), from the api's second ``prepare`` event.
+    used = ""
+
+    def watch(self, ev: Progress) -> None:
+        if ev.stage == "prepare" and "trainer" in ev.data:
+            self.used = ev.message
+
+    def decision(self) -> dict | None:
+        """Which model the fine-tune keeps and the scores of each on the validation images
+        (:meth:`~napari_sagegan.engine.train.segmenter.SegmenterTrainer.decision`): the
+        starting model stays when the new one is not better there; ``None`` without
+        validation."""
+        tr = self._trained()
+        return None if tr is None else tr.decision()
+
+    def decision_text(self) -> str:
+        """:meth:`decision` in words, with both scores (``""`` without one)."""
+        from napari_sagegan.engine.train.segmenter import describe_outcome
+
+        d = self.decision()
+        return describe_outcome(d) if d else ""
+
 
 class Augment(_Training):
     """Train phase 2 on pairs from the viewer and/or a folder (:func:`napari_sagegan.api.augment`).

@@ -201,10 +201,11 @@ class ModelStore(Observable):
         self.select(entry)
         return entry
 
-    def add_tuned(self, ckpt: Any) -> ModelEntry:
-        """Register a fine-tuned model (kept in memory) and make it current."""
+    def add_tuned(self, ckpt: Any, kind: str = "fine-tuned") -> ModelEntry:
+        """Register a fine-tuned model (kept in memory) and make it current; ``kind`` starts
+        its name (``"re-calibrated"``: a model's own weights with new thresholds)."""
         self._n_tuned += 1
-        entry = ModelEntry(f"fine-tuned {self._n_tuned}", "memory", ckpt)
+        entry = ModelEntry(f"{kind} {self._n_tuned}", "memory", ckpt)
         self.select(entry)
         return entry
 

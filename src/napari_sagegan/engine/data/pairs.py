@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,11 +23,17 @@ import numpy as np
 __all__ = [
     "TrainingPairs",
     "check_pairs",
+    "FEW_PAIRS",
     "fill_nonfinite",
+    "hold_out_band",
     "instance_targets",
     "prepare_pairs",
     "split_indices",
 ]
+
+#: With fewer pairs than this (and ``holdout="auto"``), a part of every image is held out for
+#: validation instead of whole images (:func:`hold_out_band`).
+FEW_PAIRS = 8
 
 
 # --------------------------------------------------------------------------- checks
@@ -260,17 +266,164 @@ class TrainingPairs:
     val_images: list[Any]
     val_labels: list[Any]
     target_diameter: float | None = None
+    #: Spatial hold-out (few pairs): the fraction of every image's area held out for
+    #: validation, 0 for whole-image validation. Applied by :meth:`at_scale` (so that the
+    #: band and its margin are measured at the network scale).
+    parts: float = 0.0
+    #: Gap (pixels at the pairs' scale) between each training part and its held-out band.
+    margin: int = 0
+    #: Where each training image / validation crop lies in its source pair (after
+    #: :meth:`at_scale` with ``parts``): ``{"source": i, "box": (y0, x0, h, w)}``.
+    train_regions: tuple[dict, ...] = ()
+    val_regions: tuple[dict, ...] = ()
+    #: Extra training pairs mixed in (rehearsal: generated pairs), never validated on.
+    extra_images: tuple[np.ndarray, ...] = ()
+    extra_labels: tuple[np.ndarray, ...] = ()
 
     def at_scale(self, target_diameter: float | None) -> TrainingPairs:
         """The pairs resampled so that each one's particles have a median diameter of
         ``target_diameter`` pixels (``None``: unchanged). An image without particles is
         resampled by the diameter inference would estimate on it, so empty fields are seen
-        as they will be met."""
+        as they will be met. With :attr:`parts`, every resampled pair is then cut into its
+        training part and its held-out band (:func:`hold_out_band`)."""
         if not target_diameter:
-            return replace(self, target_diameter=None)
-        train = _to_scale(self.train_images, self.train_labels, target_diameter)
-        val = _to_scale(self.val_images, self.val_labels, target_diameter)
-        return TrainingPairs(*train, *val, target_diameter=float(target_diameter))
+            train = (list(self.train_images), list(self.train_labels))
+            val = (list(self.val_images), list(self.val_labels))
+            extra = (list(self.extra_images), list(self.extra_labels))
+        else:
+            train = _to_scale(self.train_images, self.train_labels, target_diameter)
+            val = _to_scale(self.val_images, self.val_labels, target_diameter)
+            extra = _to_scale(self.extra_images, self.extra_labels, target_diameter)
+        t_regions: list[dict] = []
+        v_regions: list[dict] = []
+        if self.parts:
+            t_im, t_lab, v_im, v_lab = [], [], [], []
+            for i, (im, lab) in enumerate(zip(*train)):
+                cut = hold_out_band(im, lab, self.parts, self.margin)
+                t_im.append(cut["train"][0])
+                t_lab.append(cut["train"][1])
+                t_regions.append({"source": i, "box": cut["train_box"]})
+                if cut["val"] is not None:
+                    v_im.append(cut["val"][0])
+                    v_lab.append(cut["val"][1])
+                    v_regions.append({"source": i, "box": cut["val_box"]})
+            train, val = (t_im, t_lab), (v_im, v_lab)
+        return TrainingPairs(
+            *train,
+            *val,
+            target_diameter=float(target_diameter) if target_diameter else None,
+            margin=self.margin,
+            train_regions=tuple(t_regions),
+            val_regions=tuple(v_regions),
+            extra_images=tuple(extra[0]),
+            extra_labels=tuple(extra[1]),
+        )
+
+    @property
+    def n_pairs(self) -> int:
+        """The user's training pairs (without the rehearsal pairs)."""
+        return len(self.train_images)
+
+    @property
+    def sampled_images(self) -> list[np.ndarray]:
+        """What patches are drawn from: the training images (or parts) and the extra pairs."""
+        return [*self.train_images, *self.extra_images]
+
+    @property
+    def sampled_labels(self) -> list[np.ndarray]:
+        return [*self.train_labels, *self.extra_labels]
+
+    def describe(self) -> str:
+        """What is used for what, for the user: ``trained on 2 images (70 % of each),
+        validating on their held-out 20 %`` or ``training on 5 images, validating on 1``."""
+        if self.train_regions:
+            sizes = _source_areas(self.train_regions, self.val_regions)
+
+            def share(regions: Sequence[dict]) -> float:
+                parts = [r["box"][2] * r["box"][3] / sizes[r["source"]] for r in regions]
+                return float(np.mean(parts)) if parts else 0.0
+
+            n = len(self.train_regions)
+            text = (
+                f"training on {n} image{'s' if n != 1 else ''} "
+                f"({100 * share(self.train_regions):.0f} % of each), validating on "
+                + (
+                    f"their held-out {100 * share(self.val_regions):.0f} %"
+                    if self.val_regions
+                    else "nothing (the images are too small to hold a part out)"
+                )
+            )
+        else:
+            n, v = self.n_pairs, len(self.val_images)
+            text = f"training on {n} image{'s' if n != 1 else ''}, validating on {v}"
+        if self.extra_images:
+            text += f", with {len(self.extra_images)} generated pairs mixed in (rehearsal)"
+        return text
+
+
+def _source_areas(train: Sequence[dict], val: Sequence[dict]) -> dict[int, float]:
+    """Each source pair's area (pixels at the pairs' scale), from its part and its band."""
+    out: dict[int, float] = {}
+    vals = {r["source"]: r["box"] for r in val}
+    for r in train:
+        boxes = [r["box"], *([vals[r["source"]]] if r["source"] in vals else [])]
+        h = max(y0 + bh for y0, _x0, bh, _bw in boxes)
+        w = max(x0 + bw for _y0, x0, _bh, bw in boxes)
+        out[r["source"]] = float(h * w)
+    return out
+
+
+def hold_out_band(
+    image: np.ndarray, labels: np.ndarray, fraction: float, margin: int
+) -> dict[str, Any]:
+    """Cut a pair into a training part and a held-out validation band.
+
+    The band is ``fraction`` of the image across one of its four sides (at least 16
+    pixels): of the sides whose band holds labelled particles, the one whose share of the
+    particle pixels is closest to ``fraction`` (so that the band is representative), the
+    bottom first on ties. ``margin`` pixels between the band and the training part belong to
+    neither (reduced, down to 0, so that the training part keeps at least half of that
+    side). The training part is its own array, so a patch drawn from it (wherever the
+    sampler puts it, zoomed or not) never covers a validation pixel. An image too small for
+    a band of 16 pixels next to a training part of 16 is not cut (``val`` is ``None``).
+
+    Returns
+    -------
+    dict
+        ``train``: (image, labels) of the training part; ``val``: those of the band or
+        ``None``; ``train_box`` / ``val_box``: ``(y0, x0, h, w)`` in the pair.
+    """
+    image, labels = np.asarray(image), np.asarray(labels)
+    h, w = image.shape
+    whole = {"train": (image, labels), "val": None, "train_box": (0, 0, h, w), "val_box": None}
+    total = int(np.count_nonzero(labels))
+    options = []
+    for order, (axis, end) in enumerate(((0, True), (0, False), (1, True), (1, False))):
+        length = image.shape[axis]
+        band = max(16, int(round(fraction * length)))
+        gap = int(min(max(0, margin), max(0, length - band - (length + 1) // 2)))
+        keep = length - band - gap
+        if fraction <= 0 or keep < 16:
+            continue
+        # (start, size) of the band and of the training part along the axis
+        vb, tb = ((length - band, band), (0, keep)) if end else ((0, band), (band + gap, keep))
+        sl = [slice(None), slice(None)]
+        sl[axis] = slice(vb[0], vb[0] + vb[1])
+        share = np.count_nonzero(labels[tuple(sl)]) / total if total else 0.0
+        options.append((share == 0, abs(share - fraction), order, axis, vb, tb))
+    if not options:
+        return whole
+    _empty, _off, _order, axis, vb, tb = min(options)
+
+    def box(start: int, size: int) -> tuple[int, int, int, int]:
+        return (start, 0, size, w) if axis == 0 else (0, start, h, size)
+
+    def cut(b: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+        y0, x0, bh, bw = b
+        return image[y0 : y0 + bh, x0 : x0 + bw], labels[y0 : y0 + bh, x0 : x0 + bw]
+
+    t_box, v_box = box(*tb), box(*vb)
+    return {"train": cut(t_box), "val": cut(v_box), "train_box": t_box, "val_box": v_box}
 
 
 def _to_scale(
@@ -305,6 +458,9 @@ def prepare_pairs(
     seed: int,
     val_images: Sequence[Any] | None = None,
     val_labels: Sequence[Any] | None = None,
+    holdout: str = "images",
+    margin: int = 0,
+    extra: Sequence[tuple[Any, Any]] = (),
 ) -> TrainingPairs:
     """Check the pairs and split off the validation set.
 
@@ -318,6 +474,16 @@ def prepare_pairs(
         Seed of the split.
     val_images, val_labels : sequences, optional
         An explicit validation set (then every pair trains).
+    holdout : str
+        ``"images"``: hold out whole pairs; ``"parts"``: hold out a band of every pair
+        (``val_fraction`` of its area, :func:`hold_out_band`, cut by
+        :meth:`TrainingPairs.at_scale`) and train on the rest of all of them; ``"auto"``:
+        parts with fewer than :data:`FEW_PAIRS` pairs, else images. Ignored with an explicit
+        validation set or ``val_fraction`` 0.
+    margin : int
+        The gap between a training part and its band (pixels at the network scale).
+    extra : sequence of (image, labels)
+        Rehearsal pairs: trained on, never validated on.
 
     Returns
     -------
@@ -331,10 +497,16 @@ def prepare_pairs(
         any particle.
     """
     check_pairs(images, labels)
+    parts = 0.0
     if val_images is not None:
         check_pairs(val_images, val_labels or [], what="validation")
         train_idx: Sequence[int] = range(len(images))
         v_images, v_labels = list(val_images), list(val_labels or [])
+    elif val_fraction > 0 and (
+        holdout == "parts" or (holdout == "auto" and len(images) < FEW_PAIRS)
+    ):
+        parts = float(val_fraction)
+        train_idx, v_images, v_labels = range(len(images)), [], []
     else:
         train_idx, val_idx = split_indices(len(images), val_fraction, seed)
         v_images = [images[i] for i in val_idx]
@@ -347,4 +519,9 @@ def prepare_pairs(
     t_labels = [np.asarray(labels[i]) for i in train_idx]
     if not any(np.any(lab > 0) for lab in t_labels):
         raise ValueError("the training split has no particles; add labelled images")
-    return TrainingPairs(t_images, t_labels, v_images, v_labels)
+    e_images = tuple(np.asarray(fill_nonfinite(im, what="extra image")) for im, _ in extra)
+    e_labels = tuple(np.asarray(lab) for _, lab in extra)
+    return TrainingPairs(
+        t_images, t_labels, v_images, v_labels, parts=parts, margin=int(margin),
+        extra_images=e_images, extra_labels=e_labels,
+    )  # fmt: skip

@@ -70,6 +70,8 @@ class PatchSampler:
         ``[1 / scale_jitter, scale_jitter]``: a window of ``P / zoom`` pixels is cut and
         resampled to ``P`` (image bilinear, anti-aliased when shrinking; particle mask
         nearest; distance bilinear). 1 disables it.
+    weights : sequence of float, optional
+        Per image, a factor on its chance of being drawn (default: all 1, i.e. by area).
     """
 
     #: Most candidate patch centres kept per image (see ``_centres``).
@@ -87,6 +89,7 @@ class PatchSampler:
         min_area: int = 15,
         seed: int = 0,
         scale_jitter: float = 1.0,
+        weights: Sequence[float] | None = None,
     ) -> None:
         if len(images) != len(labels):
             raise ValueError(f"got {len(images)} images but {len(labels)} masks: give one each")
@@ -106,6 +109,9 @@ class PatchSampler:
         self.augment_p = float(augment_p)
         self.augment_ops = None if augment_ops is None else tuple(augment_ops)
         self._rng = np.random.default_rng(seed)
+        #: ``None``, or a list that collects ``(image, y0, x0, h, w)`` of every patch drawn.
+        self.windows: list[tuple[int, int, int, int, int]] | None = None
+        self._offsets: list[tuple[int, int]] = []
         self._x: list[np.ndarray] = []
         self._fg: list[np.ndarray] = []
         self._dist: list[np.ndarray] = []
@@ -124,13 +130,21 @@ class PatchSampler:
             x = normalize(image)
             _, fg, dist = instance_targets(lab, min_area=min_area)
             areas.append(x.size)
+            ph, pw = max(self.patch_size - x.shape[0], 0), max(self.patch_size - x.shape[1], 0)
+            self._offsets.append((ph // 2, pw // 2))
             x, fg, dist = self._pad(x, fg, dist)
             self._x.append(x)
             self._fg.append(fg.astype(np.uint8))
             self._dist.append(dist)
             self._fg_index.append(self._centres(fg))
         self._areas = np.asarray(areas, dtype=np.int64)
-        self._p = self._areas / self._areas.sum()
+        if weights is not None:
+            if len(weights) != len(images) or any(not w >= 0 for w in weights) or not any(weights):
+                raise ValueError("weights must be one number >= 0 per image, not all 0")
+            p = self._areas * np.asarray(weights, dtype=np.float64)
+        else:
+            p = self._areas.astype(np.float64)
+        self._p = p / p.sum()
 
     def _pad(
         self, x: np.ndarray, fg: np.ndarray, dist: np.ndarray
@@ -154,6 +168,18 @@ class PatchSampler:
         index = np.flatnonzero(fg)
         step = -(-index.size // PatchSampler.MAX_CENTRES)
         return index[::step].astype(np.int32) if index.size else index.astype(np.int32)
+
+    def _record(self, i: int, top: int, left: int, q: int) -> None:
+        """Keep the window's pixels in image ``i`` (clipped to it, in the unpadded image's
+        coordinates) in :attr:`windows`, when it is a list (tests check where patches come
+        from)."""
+        if self.windows is None:
+            return
+        oy, ox = self._offsets[i]
+        h, w = self._x[i].shape
+        y0, x0 = max(top, 0), max(left, 0)
+        y1, x1 = min(top + q, h), min(left + q, w)
+        self.windows.append((i, y0 - oy, x0 - ox, y1 - y0, x1 - x0))
 
     @property
     def n_images(self) -> int:
@@ -183,6 +209,7 @@ class PatchSampler:
         top, left = self._window(i, q)
         x, fg, dist = self._x[i], self._fg[i], self._dist[i]
         h, w = x.shape
+        self._record(i, top, left, q)
         ys, xs = slice(max(top, 0), min(top + q, h)), slice(max(left, 0), min(left + q, w))
         pad = (
             (max(-top, 0), max(top + q - h, 0)),
@@ -250,6 +277,7 @@ class PatchSampler:
                 x, fg, dist = self._zoomed(i)
             else:
                 top, left = self._window(i)
+                self._record(i, top, left, p)
                 win = (slice(top, top + p), slice(left, left + p))
                 x, fg, dist = self._x[i][win], self._fg[i][win], self._dist[i][win]
             if self.augment_p > 0:

@@ -142,9 +142,13 @@ class Fit:
         device: str,
         val_images: Sequence[Any] | None,
         val_labels: Sequence[Any] | None,
+        holdout: str = "images",
+        margin: int = 0,
+        extra: Sequence[tuple[Any, Any]] = (),
     ) -> TrainingPairs:
         """Check and split the pairs (at their own scale), set torch's threads, seed every
-        generator and resolve the device."""
+        generator and resolve the device (``holdout``, ``margin``, ``extra``: see
+        :func:`~napari_sagegan.engine.data.pairs.prepare_pairs`)."""
         pairs = prepare_pairs(
             images,
             labels,
@@ -152,6 +156,9 @@ class Fit:
             seed=config.seed,
             val_images=val_images,
             val_labels=val_labels,
+            holdout=holdout,
+            margin=margin,
+            extra=extra,
         )
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
@@ -169,6 +176,9 @@ class Fit:
         self.stopped_by = "epochs"  # "epochs" | "time"
         self.calibration: dict[str, Any] | None = None  # set by after_fit, if it calibrates
         self.skipped_steps = 0  # updates undone because something was not finite
+        #: How far the run is, in [0, 1]: its steps or its time budget, whichever is further
+        #: (updated before every step; learning-rate schedules read it).
+        self.run_fraction = 0.0
         self._bad_run = 0  # skipped steps in a row
         self._step_bad = False  # the current step skipped an update
         self._step_guarded = False  # the current step went through finite_update
@@ -339,6 +349,10 @@ class Fit:
             out_of_time = False
             for _ in range(spe):
                 self._step_bad = self._step_guarded = False
+                self.run_fraction = min(1.0, done / total) if total else 0.0
+                if budget:
+                    spent = (time.perf_counter() - t0) / budget
+                    self.run_fraction = min(1.0, max(self.run_fraction, spent))
                 parts = self.train_step(epoch)
                 if not self._step_guarded and not math.isfinite(float(parts.get("loss", 0.0))):
                     self._step_bad = True  # a step without finite_update: cannot be undone

@@ -19,10 +19,24 @@ validation images first (at its own network scale and operating point), and the 
 ``out`` only once its best model beats that score (F1@0.5, ties broken by Dice). Otherwise the
 old file stays and :attr:`TrainResult.kept` says why. ``overwrite=True`` replaces it anyway;
 resuming from ``out`` itself continues the run that wrote it.
+
+A fine-tune (``init``) is never worse (issue 14): the starting model is scored on the same
+validation images first (with fewer than 8 pairs, a held-out band of every image:
+:func:`~napari_sagegan.engine.data.pairs.hold_out_band`), the new model must beat it to be
+written, and after the run :meth:`SegmenterTrainer.choose_model` keeps the best of the
+fine-tuned model (at its calibrated thresholds), the starting model, and the starting model
+with thresholds re-calibrated on those images (:attr:`TrainResult.decision`). When the bands
+hold no particle, the training images stand in for validation (said to the user).
+
+Over 500 lines because the three comparisons (the run's best, the file at ``out``, the
+starting model) share the validation images, the operating points and the one write to
+``out``; split apart, each would need the others' state.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +71,9 @@ class TrainResult:
     #: When an existing ``out`` was kept: ``{"path", "metrics"}`` (its validation scores, ``{}``
     #: without validation images) and ``"new_metrics"`` (the new model's best).
     kept: dict[str, Any] | None = None
+    #: A fine-tune (``init``) with validation: which model was kept, and the scores of every
+    #: candidate on the same validation parts (:meth:`SegmenterTrainer.decision`).
+    decision: dict[str, Any] | None = None
 
 
 class SegmenterTrainer(Fit):
@@ -119,9 +136,16 @@ class SegmenterTrainer(Fit):
         self.existing_metrics: dict[str, float] | None = None  # scored in before_fit
         self.written: Path | None = None  # the file this run wrote
         self._validated = False  # a validation round ran in this run
+        cfg = self.config
         pairs = self._setup(
-            images, labels, self.config, device=device, val_images=val_images, val_labels=val_labels
-        )
+            images, labels, cfg, device=device, val_images=val_images, val_labels=val_labels,
+            holdout=cfg.holdout, margin=cfg.patch_size // 2, extra=rehearsal_pairs(cfg),
+        )  # fmt: skip
+        #: The model fine-tuned from (``init``), scored on the same validation images before
+        #: training and kept when the new one does not beat it (:meth:`choose_model`).
+        self.base: Checkpoint | None = None
+        self.base_metrics: dict[str, float] | None = None  # scored in before_fit
+        self.outcome: dict[str, Any] | None = None  # set by choose_model
 
         ckpt = None
         if resume is not None:
@@ -133,7 +157,7 @@ class SegmenterTrainer(Fit):
                 self.best_metrics = dict(ckpt.metrics)
             self.history = list(ckpt.extra.get("history", []))
         elif init is not None:
-            ckpt = Checkpoint.load(init, kind=SEGMENTER)
+            ckpt = self.base = Checkpoint.load(init, kind=SEGMENTER)
         if ckpt is not None:
             self.model = ckpt.build()
             self.arch = self.model.config
@@ -145,9 +169,24 @@ class SegmenterTrainer(Fit):
             self.arch = arch or ArchConfig()
             self.model = AttentionUNet(self.arch)
         self.infer = infer or InferConfig()
+        self.base_infer = self.infer  # the starting model's own operating point
         self.train_config = self.config
         self._pairs_own_scale = pairs
         self.pairs = pairs.at_scale(self.config.target_diameter)
+        #: A fine-tune whose held-out parts hold no particle (too few, or too large for a
+        #: band) is validated on its training images instead, so that a model that got worse
+        #: is still caught (a weaker check: said to the user).
+        self.val_on_train = bool(
+            self.base is not None
+            and self.config.val_fraction > 0
+            and self.pairs.train_regions
+            and not self.val_has_particles
+        )
+        if self.val_on_train:
+            self.pairs = dataclasses.replace(
+                self.pairs, val_images=list(self.pairs.train_images),
+                val_labels=list(self.pairs.train_labels), val_regions=(),
+            )  # fmt: skip
         self.model.to(self.device)
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay
@@ -159,8 +198,8 @@ class SegmenterTrainer(Fit):
         )
         self.best_state = state_on_cpu(self.model)
         self.sampler = PatchSampler(
-            self.train_images,
-            self.train_labels,
+            self.pairs.sampled_images,
+            self.pairs.sampled_labels,
             patch_size=self.config.patch_size,
             fg_bias=self.config.fg_bias,
             augment_p=self.config.augment_p,
@@ -168,7 +207,22 @@ class SegmenterTrainer(Fit):
             min_area=self.config.min_instance_area,
             seed=self.config.seed + self.start_epoch,
             scale_jitter=self.config.scale_jitter if self.config.target_diameter else 1.0,
+            weights=self._weights(),
         )
+
+    #: The share of the patches drawn from the rehearsal pairs (when there are any).
+    REHEARSAL_SHARE = 0.2
+
+    def _weights(self) -> list[float] | None:
+        """Sampling weights: the rehearsal pairs get :attr:`REHEARSAL_SHARE` of the patches
+        whatever their area, the user's pairs the rest (each by its area)."""
+        own, extra = self.pairs.train_images, self.pairs.extra_images
+        if not extra:
+            return None
+        a_own = sum(im.size for im in own)
+        a_extra = sum(im.size for im in extra)
+        k = self.REHEARSAL_SHARE / (1 - self.REHEARSAL_SHARE) * a_own / max(1, a_extra)
+        return [1.0] * len(own) + [k] * len(extra)
 
     # ------------------------------------------------------------------ the file at out
     def _existing_out(self, resume: str | os.PathLike | None) -> Checkpoint | None:
@@ -215,9 +269,13 @@ class SegmenterTrainer(Fit):
 
     def may_write_out(self) -> bool:
         """Whether the best model so far may be written to ``out``: always unless a model was
-        there before the run, which it must beat on the validation images."""
+        there before the run, which it must beat on the validation images; and, when
+        fine-tuning, only once it beats the starting model there."""
         if self.out is None:
             return False
+        if self.base_metrics and self.best_metrics and "f1@0.5" in self.best_metrics:
+            if self.best_score <= _score(self.base_metrics):
+                return False
         if self.existing is None:
             return True
         old = self.existing_metrics
@@ -228,6 +286,12 @@ class SegmenterTrainer(Fit):
     def _write_out(self, **fields: Any) -> None:
         assert self.out is not None
         self.written = self.save(self.out, **fields)
+
+    @property
+    def val_has_particles(self) -> bool:
+        """Whether the validation images hold a labelled particle (else nothing can be
+        compared or calibrated on them)."""
+        return any(np.any(np.asarray(lab) > 0) for lab in self.val_labels)
 
     # ------------------------------------------------------------------ models
     def validate(self) -> dict[str, float]:
@@ -300,7 +364,10 @@ class SegmenterTrainer(Fit):
 
     # ------------------------------------------------------------------ loop hooks
     def before_fit(self, total: int) -> Iterator[Progress]:
-        """Score the model already at ``out`` (it stays unless the new one beats it)."""
+        """Score the starting model on the validation images (a fine-tune must beat it) and
+        the model already at ``out`` (it stays unless the new one beats it)."""
+        if self.base_metrics is None:
+            self.score_base()
         if self.existing is not None:
             yield Progress("prepare", 0, None, message=f"scoring the model already at {self.out}")
             self.existing_metrics = m = self._score_existing()
@@ -319,8 +386,27 @@ class SegmenterTrainer(Fit):
             )
         self.model.train()
 
+    def _schedule(self) -> None:
+        """Set the learning rate (cosine / constant schedules) and freeze or free the encoder
+        for this step, from :attr:`run_fraction`."""
+        cfg, t = self.config, self.run_fraction
+        if cfg.schedule != "plateau":
+            factor = 1.0
+            if cfg.warmup_fraction and t < cfg.warmup_fraction:
+                factor = (t + 1e-3) / cfg.warmup_fraction
+            elif cfg.schedule == "cosine":
+                rest = (t - cfg.warmup_fraction) / max(1e-9, 1.0 - cfg.warmup_fraction)
+                factor = 0.5 * (1.0 + math.cos(math.pi * min(1.0, rest)))
+            for group in self.optimizer.param_groups:
+                group["lr"] = cfg.lr * max(factor, 0.02)
+        if cfg.freeze_encoder:
+            frozen = t < cfg.freeze_encoder
+            for p in self.model.encoder.parameters():
+                p.requires_grad_(not frozen)
+
     def train_step(self, epoch: int) -> dict[str, float]:
         cfg = self.config
+        self._schedule()
         x, fg, dist = (t.to(self.device) for t in self.sampler.sample(cfg.batch_size))
         snap = self.snapshot(self.model)
         loss, parts = segmentation_loss(self.model(x), fg, dist, cfg)
@@ -334,7 +420,7 @@ class SegmenterTrainer(Fit):
     def validate_epoch(self, epoch: int, record: dict[str, Any]) -> tuple[str, bool]:
         metrics = self.validate()
         record.update({f"val_{k}": v for k, v in metrics.items()})
-        if metrics:
+        if metrics and self.config.schedule == "plateau":
             self.scheduler.step(metrics["f1@0.5"])
         improved = self.beats(metrics)
         if not metrics:  # no validation images: keep the latest model
@@ -368,6 +454,7 @@ class SegmenterTrainer(Fit):
         """Calibrate the best model's operating point (:meth:`calibrate_best`); then, when no
         validation round wrote ``out`` (no epoch was left to run), write the model there."""
         yield from self.calibrate_best()
+        yield from self.choose_model()
         if self.written is None and not self._validated and self.may_write_out():
             self._write_out(
                 state=self.best_state, epoch=self.start_epoch, metrics=self.best_metrics
@@ -377,7 +464,7 @@ class SegmenterTrainer(Fit):
         """Calibrate the best model's operating point on the validation images
         (``TrainConfig.calibrate``): thresholds that make the particle sizes unbiased, stored
         in the checkpoint's ``infer`` settings (engine/infer/calibrate.py)."""
-        if not (self.config.calibrate and self.val_images and self.best_metrics):
+        if not (self.config.calibrate and self.val_has_particles and self.best_metrics):
             return
         from ..infer.calibrate import calibrate
         from ..infer.segment import Segmenter
@@ -405,6 +492,88 @@ class SegmenterTrainer(Fit):
             )
         yield Progress("calibrate", 1, 1, message=point.describe(), data=point.to_dict())
 
+    def score_base(self) -> dict[str, float] | None:
+        """Score the starting model (``init``) on the validation images at its own operating
+        point, once (before the first step; the api calls it earlier to say the scores);
+        ``None`` without a starting model or validation particles."""
+        if self.base_metrics is None and self.base is not None and self.val_has_particles:
+            self.base_metrics = self._validate_ckpt(self.base, self.base_infer)
+        return self.base_metrics
+
+    def _validate_ckpt(self, ckpt: Checkpoint, infer: InferConfig) -> dict[str, float]:
+        return validate_segmenter(
+            ckpt.build().to(self.device), self.val_images, self.val_labels, infer,
+            device=self.device,
+        )  # fmt: skip
+
+    def _recalibrated(self, state: dict, infer: InferConfig) -> Iterator[Progress]:
+        """``infer`` with the operating point calibrated on the validation images for the
+        weights ``state``; returns ``(infer, point)``."""
+        from ..infer.calibrate import calibrate
+        from ..infer.segment import Segmenter
+
+        model = AttentionUNet(self.arch)
+        model.load_state_dict(state)
+        seg = Segmenter(
+            model.eval(), device=str(self.device),
+            checkpoint={"infer": infer.to_dict(), "target_diameter": self.config.target_diameter},
+        )  # fmt: skip
+        point = yield from relay(
+            calibrate(seg, self.val_images, self.val_labels, config=infer),
+            lambda ev: Progress("calibrate", ev.step, ev.total, message=ev.message),
+        )
+        return infer.replace(**point.infer_overrides()), point
+
+    def choose_model(self) -> Iterator[Progress]:
+        """Never worse: after a fine-tune, score on the same validation images the new model
+        (at its calibrated operating point), the starting model at its own and the starting
+        model re-calibrated there, and keep the best (F1@0.5, ties broken by Dice; a tie
+        keeps the starting model). :attr:`outcome` says which was kept, with every score."""
+        if self.base is None or not self.base_metrics or not self.best_metrics:
+            return
+        base_state = state_on_cpu(self.base.build())
+        yield Progress("choose", 0, 3, message="re-calibrating the starting model")
+        recal, point = yield from self._recalibrated(base_state, self.base_infer)
+        model = self.best_model().to(self.device)
+        new = validate_segmenter(model, self.val_images, self.val_labels, self.infer,
+                                 device=self.device)  # fmt: skip
+        yield Progress("choose", 1, 3, message="scoring the re-calibrated starting model")
+        recal_m = (
+            dict(self.base_metrics)
+            if recal == self.base_infer
+            else self._validate_ckpt(self.base, recal)
+        )
+        # ties favour the model the user had: it comes first and must be beaten strictly
+        candidates = [
+            ("starting model", self.base_metrics, base_state, self.base_infer),
+            ("starting model, re-calibrated", recal_m, base_state, recal),
+            ("fine-tuned", new, self.best_state, self.infer),
+        ]
+        best = candidates[0]
+        for c in candidates[1:]:
+            if _score(c[1]) > _score(best[1]):
+                best = c
+        choice, metrics, state, infer = best
+        self.outcome = {
+            "kept": choice,
+            "base": dict(self.base_metrics),
+            "base_recalibrated": dict(recal_m),
+            "fine_tuned": dict(new),
+            "thresholds": {"threshold": infer.threshold, "seed_threshold": infer.seed_threshold},
+        }
+        self.best_state, self.infer = state, infer
+        self.best_metrics = dict(metrics)
+        self.best_score = _score(metrics)
+        if choice != "fine-tuned":
+            self.calibration = None if choice == "starting model" else point.to_dict()
+        old = self.existing_metrics
+        if self.out is not None and (
+            self.existing is None or (old and _score(metrics) > _score(old))
+        ):
+            self._write_out(state=self.best_state, epoch=self._best_epoch(),
+                            metrics=self.best_metrics)  # fmt: skip
+        yield Progress("choose", 3, 3, message=describe_outcome(self.outcome), data=self.outcome)
+
     def _best_epoch(self) -> int:
         best = [r for r in self.history if r.get("val_f1@0.5") == self.best_metrics.get("f1@0.5")]
         if best:
@@ -427,4 +596,56 @@ class SegmenterTrainer(Fit):
             stopped_by=self.stopped_by,
             skipped_steps=self.skipped_steps,
             kept=kept,
+            decision=self.decision(),
         )
+
+    def decision(self) -> dict[str, Any] | None:
+        """Which model a fine-tune keeps, with the scores: :attr:`outcome` after the run;
+        after a Cancel, the best so far against the starting model at its own operating
+        point. ``None`` without a starting model or validation images."""
+        if self.outcome is not None:
+            return dict(self.outcome)
+        if self.base is None or not self.base_metrics or "f1@0.5" not in self.best_metrics:
+            return None
+        better = self.best_score > _score(self.base_metrics)
+        return {
+            "kept": "fine-tuned" if better else "starting model",
+            "base": dict(self.base_metrics),
+            "fine_tuned": dict(self.best_metrics),
+        }
+
+
+def _score(metrics: dict[str, Any]) -> tuple[float, float]:
+    return (float(metrics.get("f1@0.5", 0.0)), float(metrics.get("dice", 0.0)))
+
+
+def _scores(metrics: dict[str, Any]) -> str:
+    return f"F1@0.5 {metrics.get('f1@0.5', math.nan):.3f}, Dice {metrics.get('dice', math.nan):.3f}"
+
+
+def describe_outcome(outcome: dict[str, Any]) -> str:
+    """One line for the user: which model was kept, with the scores on validation."""
+    base, new = outcome["base"], outcome["fine_tuned"]
+    recal = outcome.get("base_recalibrated")
+    kept = outcome["kept"]
+    both = f"fine-tuned {_scores(new)}, starting model {_scores(base)}"
+    if recal is not None and recal != base:
+        both += f" ({_scores(recal)} re-calibrated)"
+    if kept == "fine-tuned":
+        return f"kept the fine-tuned model: {both} on the validation images"
+    if kept == "starting model, re-calibrated":
+        return (
+            "kept the starting model with re-calibrated thresholds (the fine-tuned one was not "
+            f"better): {both} on the validation images"
+        )
+    return f"kept the starting model (the fine-tuned one was not better): {both} on the validation images"
+
+
+def rehearsal_pairs(config: TrainConfig) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``config.rehearsal`` generated pairs of varied sizes and contrasts (seeded by the
+    run's seed), mixed into a fine-tune so that it does not forget them."""
+    if not config.rehearsal:
+        return []
+    from ..synthetic.render import make_training_set
+
+    return make_training_set(int(config.rehearsal), shape=(192, 192), seed=int(config.seed))

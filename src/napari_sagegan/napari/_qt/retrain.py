@@ -111,7 +111,7 @@ class RetrainWidget(TrainingDock):
         """The :class:`~napari_sagegan.engine.config.TrainConfig` set in the widget."""
         from napari_sagegan.engine.config import TrainConfig
 
-        return TrainConfig(
+        values = dict(
             epochs=int(self.epochs_spin.value()),
             max_minutes=float(self.minutes_spin.value()),
             steps_per_epoch=int(self.steps_spin.value()),
@@ -120,8 +120,8 @@ class RetrainWidget(TrainingDock):
             batch_size=4,
             val_fraction=0.2,
             seed=0,
-            **self.train_extra,
         )
+        return TrainConfig(**{**values, **self.train_extra})
 
     def base_model(self) -> Any:
         """The current model (the one fine-tuned)."""
@@ -135,9 +135,18 @@ class RetrainWidget(TrainingDock):
             self.plot.add_epoch(float(ev.data["epoch"]), ev.data)
 
     def trained(self, task: Any, ckpt: Any) -> str:
-        entry = self.store.add_tuned(ckpt)
-        score = score_text(entry.metrics) or "no validation (one image): the last model is kept"
-        return f"{entry.name} ({score})"
+        """Keep the new model, unless it does not beat the starting model on the validation
+        parts: then the starting model stays (with re-calibrated thresholds when they alone
+        are better), and the line says so with both scores."""
+        decision = task.decision()
+        said = task.decision_text()
+        self.result_label.setText("\n".join(t for t in (task.used, said) if t))
+        if decision is not None and decision["kept"] == "starting model":
+            return f"{self.store.current.name} stays the current model; {said}"
+        kind = "re-calibrated" if decision and decision["kept"] != "fine-tuned" else "fine-tuned"
+        entry = self.store.add_tuned(ckpt, kind)
+        score = score_text(entry.metrics) or "no validation: the last model is kept"
+        return f"{entry.name} ({score})" + (f"; {said}" if said else "")
 
     # ------------------------------------------------------------------ after training
     def refresh_buttons(self) -> None:
