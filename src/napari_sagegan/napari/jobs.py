@@ -23,6 +23,11 @@ and turns the api's results into what the docks add to the viewer. No Qt, no nap
 - :func:`export_plan` / :func:`export_layers`: every Labels layer to a Fiji-ready TIFF, plus
   one particle CSV (no api capability covers this: it is the viewer's "export all").
 - :func:`warm_up`: the imports a worker would otherwise make (they stall the GUI).
+
+About 840 lines, over the house's ~500: it is the one Qt-free place where every dock's work
+meets the api (segmenting layers and folders, fine-tuning, phase 2, generating, exporting),
+each a short generator; a later split by dock (jobs/segment.py, jobs/train.py, ...) is the
+obvious next step.
 """
 
 from __future__ import annotations

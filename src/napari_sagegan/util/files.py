@@ -17,6 +17,10 @@ Temporary files (``.NAME.<pid>-<host>-XXXX.tmp``) and staging folders
 (``.sagegan-[kind-]<pid>-<host>-XXXX``) carry the id of the process that made them; the next
 run writing to the same place removes those of processes that no longer exist
 (:func:`clean_stale`), never one of a live process. NumPy-free, torch-free.
+
+About 640 lines, over the house's ~500: the staged move, its journal, the recovery of a killed
+move and the clean-up of stale temporaries share the same naming and checks, and a reader
+needs to see them together to trust that no output is ever half-replaced.
 """
 
 from __future__ import annotations
