@@ -155,21 +155,21 @@ if default_model_path().is_file():  # the bundled model: real particles, real po
 else:
     seg = Segmenter(AttentionUNet(preset("default")), device="cpu")
 t = time.perf_counter()
-res = run_to_end(seg.segment(img, InferConfig(tile_size=512, batch_size=4, diameter=diameter)))
+res = run_to_end(seg.segment(img, seg.default_infer_config(diameter=diameter)))  # defaults
 dt = time.perf_counter() - t
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, dt, int(res.labels.max()),
       res.scale.factor)
 """
 
 
-def bench_memory(size: int, diameter: float = 0.0) -> list:
+def bench_memory(size: int, diameter: float = 0.0, kind: str = "tem_hex") -> list:
     from napari_sagegan.engine.synthetic.render import make_sample
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "big.u8"
         mm = np.memmap(path, dtype=np.uint8, mode="w+", shape=(size, size))
         block = 2048
-        tile, _ = make_sample("tem_hex", shape=(block, block), seed=1)
+        tile, _ = make_sample(kind, shape=(block, block), seed=1)
         for y in range(0, size, block):
             for x in range(0, size, block):
                 mm[y : y + block, x : x + block] = tile[
@@ -187,7 +187,7 @@ def bench_memory(size: int, diameter: float = 0.0) -> list:
     size_text = f"{diameter:g} px given" if diameter else "estimated"
     return [
         [
-            f"{size}x{size} uint8 memmap",
+            f"{size}x{size} uint8 memmap ({kind})",
             f"{size_text}, resampled x{float(factor):.2f}",
             "bundled default model"
             if default_model_path().is_file()
@@ -210,8 +210,14 @@ def main() -> None:
     ap.add_argument(
         "--memory-diameter",
         type=float,
-        default=0.0,
-        help="particle diameter (px) given for the memory run (0: estimated per image)",
+        nargs="+",
+        default=[0.0],
+        help="particle diameters (px) given for the memory runs (0: estimated, auto scale)",
+    )
+    ap.add_argument(
+        "--memory-kind",
+        default="tem_hex",
+        help="the generated sample tiled over the memory run's image (make_sample kinds)",
     )
     ap.add_argument(
         "--memory-only",
@@ -220,7 +226,11 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.memory_only:
-        mem = bench_memory(args.memory_size, args.memory_diameter)
+        mem = [
+            row
+            for d in args.memory_diameter
+            for row in bench_memory(args.memory_size, d, args.memory_kind)
+        ]
         mtable = markdown_table(
             ["input", "particle size", "model", "peak RSS (MB)", "seconds", "MP/s", "particles"],
             mem,
@@ -232,7 +242,10 @@ def main() -> None:
                 "### Peak resident memory, whole segmentation (tiles + post-processing)\n\n"
                 f"Machine: {machine()}.\nCommand: `python benchmarks/bench_inference.py "
                 f"--memory-only --memory-size {args.memory_size} --memory-diameter "
-                f"{args.memory_diameter:g}`\n\n" + mtable
+                f"{' '.join(f'{d:g}' for d in args.memory_diameter)} --memory-kind "
+                f"{args.memory_kind}`\n\nDefault tiling "
+                "(tiles of at most 1024 px balanced to the image, 128-px overlap, 1 per batch); "
+                "0 = the particle size estimated (auto scale).\n\n" + mtable
             ),
         )
         return
@@ -252,7 +265,11 @@ def main() -> None:
         + table
     )
     if not args.no_memory:
-        mem = bench_memory(args.memory_size, args.memory_diameter)
+        mem = [
+            row
+            for d in args.memory_diameter
+            for row in bench_memory(args.memory_size, d, args.memory_kind)
+        ]
         mtable = markdown_table(
             ["input", "particle size", "model", "peak RSS (MB)", "seconds", "MP/s", "particles"],
             mem,

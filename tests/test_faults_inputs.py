@@ -325,7 +325,9 @@ def test_tiny_tiff_declaring_a_huge_image_is_refused_without_allocating(tmp_path
     out = tmp_path / "out"
     assert main(["segment", str(path), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "declares 200000 x 200000 pixels" in err and "out of memory" not in err
+    # refused from its header, before decoding: the size it would take, and what to do
+    assert "huge.tif would take 40000 MB decoded" in err and "--block-size" in err
+    assert "out of memory" not in err
     assert not out.exists()
 
 

@@ -441,7 +441,8 @@ def test_segment_a_folder_as_the_command_line_does(
     cli_out = tmp_path / "cli"
     good = [str(folder / f"img{i}.tif") for i in range(3)]
     assert main(["segment", *good, "--out", str(cli_out), "--csv", "--model",
-                 str(tiny_model), "--device", "cpu"]) == 0  # fmt: skip
+                 str(tiny_model), "--device", "cpu",
+                 "--tile-size", str(widget.tile_spin.value())]) == 0  # fmt: skip
     written = sorted(p.name for p in out.iterdir())
     assert written == sorted(p.name for p in cli_out.iterdir())
     assert {"img0.tif", "img0.csv", "img0.summary.json", "segment_report.json"} <= set(written)

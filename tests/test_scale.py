@@ -54,6 +54,17 @@ def toy_training_set(n=10):
 @pytest.fixture(scope="module")
 def scaled_model():
     """A tiny model trained at a network scale of 12-px particles, both polarities."""
+    # the same model whatever an earlier test left torch's thread count at (reductions, and
+    # so the weights, depend on it)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        return _train_scaled_model()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_scaled_model():
     torch.manual_seed(0)
     images, labels = toy_training_set(12)
     trainer = SegmenterTrainer(
@@ -75,7 +86,7 @@ def scaled_model():
         ),
         arch=ArchConfig(base_channels=8, depth=3, dropout=0.0),
         device="cpu",
-        infer=InferConfig(tile_size=64, min_size=8),
+        infer=InferConfig(tile_size=64, overlap=0.25, min_size=8),
     )
     for _ in trainer.run():
         pass
@@ -167,8 +178,10 @@ def test_same_layout_at_several_magnifications_gives_the_same_count(scaled_model
 def test_same_layout_without_scale_handling_is_not_scale_invariant(scaled_model):
     # the control: at its own scale the network sees 42-px particles it never saw
     img, lab = layout(3.5)
-    plain = scaled_model.segment_sync(img, InferConfig(tile_size=64, min_size=8, auto_scale=False))
-    scaled = scaled_model.segment_sync(img, InferConfig(tile_size=64, min_size=8))
+    plain = scaled_model.segment_sync(
+        img, InferConfig(tile_size=64, overlap=0.25, min_size=8, auto_scale=False)
+    )
+    scaled = scaled_model.segment_sync(img, InferConfig(tile_size=64, overlap=0.25, min_size=8))
     assert plain.scale.factor == 1.0
     assert evaluate_pair(scaled.labels, lab)["f1@0.5"] > evaluate_pair(plain.labels, lab)["f1@0.5"]
 
@@ -189,9 +202,12 @@ def test_inverted_image_gives_the_same_labels(scaled_model):
 
 def test_user_diameter_overrides_the_estimate(scaled_model):
     img, lab = layout(2.0)
-    result = scaled_model.segment_sync(img, InferConfig(tile_size=64, min_size=8, diameter=24.0))
+    result = scaled_model.segment_sync(
+        img, InferConfig(tile_size=64, overlap=0.25, min_size=8, diameter=24.0)
+    )
     assert result.scale.source == "user" and result.scale.diameter == 24.0
-    assert result.scale.factor == pytest.approx(TARGET / 24.0)
+    low = InferConfig().scale_band[0] * TARGET  # resampled to the low end of the band
+    assert result.scale.factor == pytest.approx(low / 24.0)
     assert int(result.labels.max()) == 6
     auto = scaled_model.segment_sync(img)
     assert auto.scale.source in ("estimate", "network")
@@ -265,7 +281,7 @@ def test_a_first_guess_wrong_by_5x_still_comes_out_right(scaled_model, monkeypat
         assert evaluate_pair(res.labels, lab)["f1@0.5"] == 1.0
         # the classical guess alone would have been far off
         alone = scaled_model.segment_sync(
-            img, InferConfig(tile_size=64, min_size=8, scale_search=False)
+            img, InferConfig(tile_size=64, overlap=0.25, min_size=8, scale_search=False)
         )
         assert alone.scale.diameter == pytest.approx(wrong)
 
@@ -299,3 +315,49 @@ def test_a_featureless_image_is_not_given_a_confident_size(scaled_model):
     res = scaled_model.segment_sync(noise)
     assert int(res.labels.max()) == 0
     assert res.scale.confidence is None or res.scale.confidence < 0.5 or res.scale.diameter is None
+
+
+def test_band_factor_resamples_only_outside_the_band_and_to_its_low_end():
+    from napari_sagegan.engine.infer.scale import band_factor, scale_factor
+
+    band = (0.75, 1.0)
+    assert band_factor(28.0, 32.0, band) == 1.0  # in the band: used as it is
+    assert band_factor(24.0, 32.0, band) == 1.0 and band_factor(32.0, 32.0, band) == 1.0
+    assert band_factor(12.0, 32.0, band) == pytest.approx(2.0)  # small: up to 24 px, not 32
+    assert band_factor(96.0, 32.0, band) == pytest.approx(0.25)  # large: down to 24 px
+    assert band_factor(3.0, 32.0, band) == pytest.approx(4.0)  # clipped like scale_factor
+    for d in (5.0, 20.0, 32.0, 50.0, 400.0):  # (1, 1): the training scale, as before
+        assert band_factor(d, 32.0, (1.0, 1.0)) == scale_factor(d, 32.0)
+    assert band_factor(None, 32.0, band) == 1.0 and band_factor(20.0, None, band) == 1.0
+
+
+def test_bad_scale_band_is_refused():
+    for bad in ((1.0, 0.5), (0.0, 1.0), (1.0,), "wide"):
+        with pytest.raises(ValueError, match="scale_band"):
+            InferConfig(scale_band=bad)
+    assert InferConfig.from_dict({"scale_band": [0.5, 1.5]}).scale_band == (0.5, 1.5)
+
+
+def test_overlap_is_the_network_context_unless_given():
+    from napari_sagegan.engine.config import CONTEXT_PX
+
+    assert InferConfig().overlap_for(1024) == pytest.approx(CONTEXT_PX / 1024)
+    assert InferConfig().overlap_for(64) == 0.5  # at most half a tile
+    assert InferConfig(overlap=0.25).overlap_for(1024) == 0.25
+
+
+def test_a_checkpoints_stored_tiling_is_ignored_but_its_thresholds_are_kept(tiny_arch):
+    from napari_sagegan.engine.infer.segment import Segmenter
+    from napari_sagegan.engine.nets.attention_unet import AttentionUNet
+
+    stored = {"tile_size": 128, "overlap": 0.3, "batch_size": 8, "threshold": 0.7}
+    seg = Segmenter(AttentionUNet(tiny_arch), device="cpu", checkpoint={"infer": stored})
+    cfg = seg.default_infer_config()
+    assert cfg.threshold == 0.7  # the model's calibration
+    defaults = InferConfig()
+    assert (cfg.tile_size, cfg.overlap, cfg.batch_size) == (
+        defaults.tile_size,
+        defaults.overlap,
+        defaults.batch_size,
+    )  # the machine's tiling, not the one of the version that wrote the checkpoint
+    assert seg.default_infer_config(tile_size=256).tile_size == 256  # the user's wins

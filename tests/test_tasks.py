@@ -299,7 +299,7 @@ def test_segment_images_counts_particles_with_progress(tiny_model):
     total = n_a + n_z
     # the model works at a network scale: each image is resampled to it, tiles cut to match
     factor = plan_a.factor
-    per_slice = n_tiles((128, 128), max(8, round(64 / factor)), INFER.overlap, 1)
+    per_slice = n_tiles((128, 128), max(8, round(64 / factor)), INFER.overlap_for(64), 1)
     # plus one step per rung of the network's particle-size ladder (once per image / stack)
     rungs = seg.ladder_steps((128, 128), plan_a, config)
     assert rungs > 0 and rungs == seg.ladder_steps((128, 128), plan_z, config)

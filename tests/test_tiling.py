@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from napari_sagegan.engine.infer.tiling import (
+    balanced_grid,
     blend_window,
     n_tiles,
     predict_tiled,
@@ -109,7 +110,11 @@ def test_3x3_model_blends_seams_and_is_exact_away_from_them():
     ref = _untiled(model, image, 0, 255)
     err = np.abs(out - ref).max(axis=0)
     # Pixels seen by one tile only are never on an inner tile edge: exact.
-    single = _coverage(shape, (tile, tile), overlap) == 1
+    (th, tw), corners = balanced_grid(shape, tile, overlap, 16)  # the grid used
+    count = np.zeros(shape, dtype=int)
+    for y, x in corners:
+        count[y : y + th, x : x + tw] += 1
+    single = count == 1
     assert single.sum() > 0.3 * single.size
     assert err[single].max() < 1e-5
     # On seams the zero-padded tile edges are wrong; the Gaussian window gives them a
@@ -209,7 +214,7 @@ def test_predict_fn_receives_normalised_channels_last_batches():
     out = predict_tiled_sync(fn, image, tile_size=40, divisor=16, batch_size=8, value_range=(0, 1))
     assert out.shape == (3, 50, 70)
     for shape, dtype, channels_last, inference, lo, hi in seen:
-        assert shape[1:] == (1, 48, 48)
+        assert shape[1:] == (1, *balanced_grid((50, 70), 40, 0.25, 16)[0])  # (32, 48)
         assert dtype == torch.float32
         assert channels_last and inference
         assert -1.0 <= lo <= hi <= 1.0
@@ -266,3 +271,39 @@ def test_wrong_prediction_shape_raises_value_error():
 
     with pytest.raises(ValueError, match="divisor"):
         predict_tiled_sync(halves, np.zeros((32, 32)), tile_size=32, value_range=(0, 1))
+
+
+@pytest.mark.parametrize(
+    ("shape", "tile", "overlap", "divisor"),
+    [
+        ((1536, 1536), 1024, 0.125, 16),
+        ((100, 130), 32, 0.25, 16),
+        ((5000, 200), 128, 0.25, 1),
+        ((1025, 1030), 1024, 0.125, 16),
+        ((64, 64), 64, 0.5, 16),
+    ],
+)
+def test_balanced_grid_covers_with_the_overlap_and_fewer_pixels(shape, tile, overlap, divisor):
+    (th, tw), corners = balanced_grid(shape, tile, overlap, divisor)
+    old = tile_grid(shape, tile_sides(shape, tile, divisor), overlap)
+    assert len(corners) == len(old)  # same number of tiles
+    assert th % divisor == 0 and tw % divisor == 0
+    ohh, oww = tile_sides(shape, tile, divisor)
+    assert th * tw <= ohh * oww  # never more computing than the plain grid
+    count = np.zeros(shape, dtype=int)
+    for y, x in corners:
+        count[y : y + th, x : x + tw] += 1
+    assert count.min() >= 1  # everything covered
+    margin = int(np.ceil(overlap * tile))
+    for axis, side in ((0, th), (1, tw)):
+        starts = sorted({c[axis] for c in corners})
+        for a, b in zip(starts, starts[1:]):
+            assert a + side - b >= margin  # neighbours share at least the overlap
+    assert corners == sorted(corners)  # row-major, as the strip accumulator needs
+    for axis, length, side, plain in ((0, shape[0], th, ohh), (1, shape[1], tw, oww)):
+        if side < plain:  # shrunk tiles start on the network's grid, or flush with the end
+            for start in {c[axis] for c in corners}:
+                assert start % divisor == 0 or start == length - side
+    if shape == (1536, 1536):
+        assert (th, tw) == (832, 832)  # 2 x 2 tiles of 832 px instead of 1024
+        assert corners[-1] == (704, 704)

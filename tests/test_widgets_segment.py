@@ -98,7 +98,7 @@ def test_batch_over_three_layers(make_napari_viewer, qtbot, tiny_model):
     widget = make_widget(viewer)
     widget.tile_spin.setValue(256)
     assert widget.load_model(str(tiny_model))
-    assert widget.tile_spin.value() == 64  # the model's recommended setting
+    assert widget.tile_spin.value() == 256  # tiling is the machine's: a model keeps it
     widget.all_images.setChecked(True)
     assert not widget.image_combo.isEnabled()
     run_and_wait(qtbot, widget)

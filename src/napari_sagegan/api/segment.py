@@ -4,9 +4,10 @@ map.
 
 The pixel size and the particle diameter of every image are resolved here, once.
 
-Why ~570 lines: the inputs (arrays, paths, EM files), their pixel size and diameter, the
+Why ~700 lines: the inputs (arrays, paths, EM files), their pixel size and diameter, the
 staged output folder, the per-image report (``segment_report.json``) and the size estimate
 share these resolutions; splitting them would resolve a pixel size in two places again.
+:mod:`napari_sagegan.api.distributed` reuses the same helpers per image on its workers.
 """
 
 from __future__ import annotations
@@ -388,31 +389,13 @@ def segment(
     list of Segmented
     """
     from napari_sagegan.io.layout import check_channel
-    from napari_sagegan.util.files import new_folder, refuse_overwriting_inputs, staged_folder
+    from napari_sagegan.util.files import staged_folder
 
     channel = check_channel(channel)
     items = _micrographs(images, pixel_size, channel)
     if out is not None:
-        stems = [Path(m.name).stem for m in items]
-        dupes = sorted({s for s in stems if stems.count(s) > 1})
-        if dupes:
-            raise ValueError(
-                f"several inputs share the name {dupes[0]!r}; their outputs would overwrite "
-                "each other: rename them or segment them separately"
-            )
-        out = new_folder(out)
-        inputs = [m.path for m in items if m.path is not None]
-        if isinstance(model, (str, os.PathLike)):
-            inputs.append(model)  # "default" does not exist as a path: skipped
-        refuse_overwriting_inputs(
-            [out / n for n in output_names(stems, csv)], inputs, folder=out
-        )  # `segment raw/*.tif --out raw` would write the labels over the micrographs
-    particle_diameter(diameter, diameter_nm, PixelSize(1.0), "")  # refuse bad values first
-    if diameter_nm is not None:
-        for m in items:
-            if m.path is not None and not m.pixel_size.known:
-                m.pixel_size = resolve_pixel_size(m.path)  # an EM file: read it now
-            particle_diameter(None, diameter_nm, m.pixel_size, m.name)
+        out = _check_outputs(items, out, model, csv)
+    _check_diameters(items, diameter, diameter_nm)
 
     seg = _segmenter(model, device)
     config = seg.default_infer_config(**(infer or {}))
@@ -429,8 +412,7 @@ def segment(
     )  # fmt: skip
 
     def plane_config(m: Micrograph) -> Any:
-        d = particle_diameter(diameter, diameter_nm, m.pixel_size, m.name)
-        return dataclasses.replace(config, diameter=d) if d else config
+        return _plane_config(config, m, diameter, diameter_nm)
 
     in_memory = all(m.data is not None for m in items)
     plans = None
@@ -465,12 +447,7 @@ def segment(
                     seg.segment(data, cfg, with_attention=with_attention, scale=info), overall
                 )
             done += n_image
-            result = Segmented(
-                m.name, res.labels, int(res.labels.max()), res.scale, m.pixel_size, cfg,
-                res.attention, res.device, m.path, res,
-                _scale_bar(data, m.pixel_size, res.excluded),
-                int(np.prod(np.shape(data))),
-            )  # fmt: skip
+            result = _segmented(m, res, cfg, data)
             if staging is not None:
                 _write_segmented(staging, result, data, csv)
                 if not keep_labels:
@@ -481,15 +458,75 @@ def segment(
                 data={"result": result, "device": seg.device_name},
             )  # fmt: skip
         if staging is not None:
-            from napari_sagegan.io.tables import write_json
-
-            source = model if isinstance(model, (str, os.PathLike)) else "memory"
-            write_json(
-                staging / REPORT_NAME,
-                {"format": REPORT_FORMAT, "version": REPORT_VERSION, "model": str(source),
-                 "images": [r.report() for r in results]},
-            )  # fmt: skip
+            write_report(staging, model, [r.report() for r in results])
     return results
+
+
+def _check_outputs(items: list[Micrograph], out: PathLike, model: Any, csv: bool) -> Path:
+    """``out`` checked as the output folder of these inputs (returned as a Path): inputs of
+    the same stem refused (their outputs would overwrite each other), the folder writable,
+    no output that would overwrite an input or the model file."""
+    from napari_sagegan.util.files import new_folder, refuse_overwriting_inputs
+
+    stems = [Path(m.name).stem for m in items]
+    dupes = sorted({s for s in stems if stems.count(s) > 1})
+    if dupes:
+        raise ValueError(
+            f"several inputs share the name {dupes[0]!r}; their outputs would overwrite "
+            "each other: rename them or segment them separately"
+        )
+    out = new_folder(out)
+    inputs = [m.path for m in items if m.path is not None]
+    if isinstance(model, (str, os.PathLike)):
+        inputs.append(model)  # "default" does not exist as a path: skipped
+    refuse_overwriting_inputs(
+        [out / n for n in output_names(stems, csv)], inputs, folder=out
+    )  # `segment raw/*.tif --out raw` would write the labels over the micrographs
+    return out
+
+
+def _check_diameters(
+    items: list[Micrograph], diameter: float | None, diameter_nm: float | None
+) -> None:
+    """Refuse bad diameter values, and a diameter in nm for an image without a pixel size
+    (an EM file's is read now)."""
+    particle_diameter(diameter, diameter_nm, PixelSize(1.0), "")  # refuse bad values first
+    if diameter_nm is not None:
+        for m in items:
+            if m.path is not None and not m.pixel_size.known:
+                m.pixel_size = resolve_pixel_size(m.path)  # an EM file: read it now
+            particle_diameter(None, diameter_nm, m.pixel_size, m.name)
+
+
+def _plane_config(
+    config: Any, m: Micrograph, diameter: float | None, diameter_nm: float | None
+) -> Any:
+    """``config`` with the particle diameter of ``m`` in pixels (when given)."""
+    d = particle_diameter(diameter, diameter_nm, m.pixel_size, m.name)
+    return dataclasses.replace(config, diameter=d) if d else config
+
+
+def _segmented(m: Micrograph, res: Any, cfg: Any, data: Any) -> Segmented:
+    """The :class:`Segmented` of ``m`` from the engine's ``SegmentResult``."""
+    return Segmented(
+        m.name, res.labels, int(res.labels.max()), res.scale, m.pixel_size, cfg,
+        res.attention, res.device, m.path, res,
+        _scale_bar(data, m.pixel_size, res.excluded),
+        int(np.prod(np.shape(data))),
+    )  # fmt: skip
+
+
+def write_report(folder: PathLike, model: Any, entries: list[dict[str, Any]], **extra: Any) -> Path:
+    """Write ``folder/segment_report.json`` atomically: the format, the model (its path, or
+    ``"memory"``), the per-image ``entries`` (:meth:`Segmented.report`) and ``extra`` keys."""
+    from napari_sagegan.io.tables import write_json
+
+    source = model if isinstance(model, (str, os.PathLike)) else "memory"
+    return write_json(
+        Path(folder) / REPORT_NAME,
+        {"format": REPORT_FORMAT, "version": REPORT_VERSION, "model": str(source),
+         "images": entries, **extra},
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- estimate

@@ -7,6 +7,7 @@
 - ``measure`` (:mod:`~napari_sagegan.cli.measure`) -> :func:`napari_sagegan.api.measure`
 - ``augment`` (:mod:`~napari_sagegan.cli.augment`) -> :func:`napari_sagegan.api.augment`
 - ``generate`` (:mod:`~napari_sagegan.cli.generate`) -> :func:`napari_sagegan.api.generate`
+- ``export`` (:mod:`~napari_sagegan.cli.export`) -> :func:`napari_sagegan.api.export_model`
 
 A new command is one module with ``add_parser(sub)`` and ``run(args)``, listed in
 :data:`COMMANDS`. Bad input exits with status 2 and a one-line reason (no traceback) and
@@ -26,7 +27,7 @@ from collections.abc import Sequence
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 #: The sub-command modules, in the order ``sagegan --help`` lists them.
-COMMANDS = ("train", "segment", "evaluate", "measure", "augment", "generate")
+COMMANDS = ("train", "segment", "evaluate", "measure", "augment", "generate", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +104,7 @@ _MEMORY_HINTS = {
     "generate": "try a smaller --size",
     "evaluate": "the label images are too large for this machine",
     "measure": "the label images are too large for this machine",
+    "export": "the model is too large for this machine",
 }
 
 

@@ -13,6 +13,20 @@ On stderr, per image: the particle size used; a warning when pixels were NaN or 
 (with the flags that give the size); the burned-in annotations left out; and, for an
 image without a pixel size, the scale bar found and the pixel size its label proposes
 (with the flag that applies it: never applied by itself).
+
+With ``--workers N`` (a LocalCluster of N processes on this machine) or ``--scheduler
+ADDRESS`` (a running dask.distributed cluster) the images are segmented by
+:func:`napari_sagegan.api.segment_distributed` instead: the same files, each image's written
+as it finishes, a re-run skips the images already done, a failing image is reported (and
+in the report's ``errors``) without stopping the others: the exit status is then 1.
+
+With ``--block-size PX`` each input (a TIFF or a ``.zarr`` folder, larger than memory) is
+segmented block by block by :func:`napari_sagegan.api.blocks.segment_blocks_into` into
+``OUT/<stem>.zarr`` (``--block-format tiff``: a tiled ``OUT/<stem>.tif``) and
+``OUT/segment_report.json``, on the cluster with ``--scheduler`` / ``--workers``. Without
+it, a TIFF / zarr input whose decoded size exceeds ``--memory-limit`` (default a quarter of
+the memory) is refused with a message naming ``--block-size`` (not switched to blocks by
+itself: the block path writes other files and has no ``--csv``).
 """
 
 from __future__ import annotations
@@ -39,6 +53,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder for <stem>.tif label images")
     s.add_argument("--model", default="default", help="MODEL.pt or 'default' (bundled)")
     s.add_argument("--device", default="auto", choices=DEVICES)
+    s.add_argument(
+        "--engine",
+        default=None,
+        choices=["auto", "torch", "onnxruntime", "openvino"],
+        help="what runs the network on the CPU (onnxruntime / openvino: the optional extras "
+        "onnx / openvino; a missing one falls back to torch with a warning; default: torch)",
+    )
     s.add_argument("--tile-size", type=int, default=None)
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--threshold", type=float, default=None, help="particle probability")
@@ -83,6 +104,67 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="the channel to use in multi-channel images (an ImageJ CYX hyperstack, a TIFF with "
         "several samples per pixel that are not RGB, one of R, G, B), 0 for the first; such "
         "images are refused without it",
+    )
+    dist = s.add_argument_group(
+        "scale out (needs dask.distributed: pip install 'napari-sagegan[distributed]')"
+    )
+    where = dist.add_mutually_exclusive_group()
+    where.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="segment on a running dask.distributed cluster (tcp://host:8786); the workers "
+        "must see the inputs and --out at the same paths; a re-run skips the images done",
+    )
+    where.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="segment on N worker processes on this machine (a dask LocalCluster), one image "
+        "at a time each; a re-run skips the images done",
+    )
+    dist.add_argument(
+        "--threads-per-worker",
+        type=int,
+        default=None,
+        metavar="T",
+        help="torch threads per image (default 1); with --scheduler a worker segments as "
+        "many images at once as it has dask threads (dask worker --nthreads)",
+    )
+    big = s.add_argument_group(
+        "images larger than memory (needs zarr and dask: pip install 'napari-sagegan[large]')"
+    )
+    big.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="segment each input (a TIFF or a .zarr folder) block by block, PX pixels a side "
+        "plus an overlap, stitching particles across the borders, into DIR/<stem>.zarr (or "
+        "a tiled DIR/<stem>.tif); memory grows with PX, not with the image",
+    )
+    big.add_argument(
+        "--block-format",
+        choices=["zarr", "tiff"],
+        default=None,
+        help="with --block-size: write DIR/<stem>.zarr (default) or a tiled DIR/<stem>.tif",
+    )
+    big.add_argument(
+        "--block-overlap",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="with --block-size: margin around each block (default: three particle "
+        "diameters, at least the network's receptive radius)",
+    )
+    big.add_argument(
+        "--memory-limit",
+        type=float,
+        default=None,
+        metavar="MB",
+        help="without --block-size, refuse TIFF / zarr inputs whose decoded size exceeds MB "
+        "(default: a quarter of this machine's memory) and name --block-size instead",
     )
     s.set_defaults(func=run)
     return s
@@ -136,10 +218,25 @@ def run(args: argparse.Namespace) -> int:
     from napari_sagegan.api.segment import output_names
 
     check_pixel_size(args.pixel_size)
+    if args.block_size is not None:
+        return run_blocks(args)
+    refuse_oversized(args)
     names = output_names(folder_stems(args.inputs), args.csv)
     spare_inputs([*args.inputs, args.model], args.out, names)
     from napari_sagegan import api
 
+    infer = {
+        "tile_size": args.tile_size,
+        "threshold": args.threshold,
+        "batch_size": args.batch_size,
+        "split": False if args.no_split else None,
+        "auto_scale": False if args.no_auto_scale else None,
+        "engine": args.engine,
+    }
+    if args.scheduler is not None or args.workers is not None:
+        return run_distributed(args, infer)
+    if args.threads_per_worker is not None:
+        raise ValueError("--threads-per-worker needs --workers N or --scheduler ADDRESS")
     gen = api.segment(
         args.inputs,
         model=args.model,
@@ -147,13 +244,7 @@ def run(args: argparse.Namespace) -> int:
         diameter=args.diameter,
         diameter_nm=args.diameter_nm,
         pixel_size=args.pixel_size,
-        infer={
-            "tile_size": args.tile_size,
-            "threshold": args.threshold,
-            "batch_size": args.batch_size,
-            "split": False if args.no_split else None,
-            "auto_scale": False if args.no_auto_scale else None,
-        },
+        infer=infer,
         out=args.out,
         csv=args.csv,
         keep_labels=False,
@@ -186,4 +277,160 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     for r in results:
         print(f"{r.name}: {r.n_particles} particles -> {out / (Path(r.name).stem + '.tif')}")
+    return 0
+
+
+def run_distributed(args: argparse.Namespace, infer: dict[str, Any]) -> int:
+    """``sagegan segment --workers N | --scheduler ADDRESS``: 0, or 1 when an image failed."""
+    from napari_sagegan.api.distributed import require_distributed, segment_distributed
+    from napari_sagegan.api.segment import REPORT_NAME
+
+    try:
+        require_distributed()
+    except ImportError as err:
+        say(f"error: {err}")
+        return 2  # as for bad input: nothing was done
+    gen = segment_distributed(
+        args.inputs,
+        out=args.out,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        threads_per_worker=args.threads_per_worker,
+        model=args.model,
+        device=args.device,
+        diameter=args.diameter,
+        diameter_nm=args.diameter_nm,
+        pixel_size=args.pixel_size,
+        infer=infer,
+        csv=args.csv,
+        channel=args.channel,
+    )
+    bars: list[Bar] = []
+
+    def show(ev: Any) -> None:
+        if ev.stage == "prepare":
+            say(ev.message)
+            bars.append(Bar("images", total=ev.total))
+            return
+        if ev.stage == "image":
+            r = ev.data["result"]
+            if r.scale is not None and r.scale.diameter is not None:
+                say(f"{r.name}: {r.scale.describe(r.pixel_size.nm)}")
+            for line in notes(r):
+                say(line)
+        elif ev.stage == "failed":
+            say(f"error: {ev.message}")
+        bars[-1].show(ev)
+
+    try:
+        results = run_to_end(gen, show)
+    finally:
+        for bar in bars:
+            bar.close()
+    out = Path(args.out)
+    for r in results:
+        if r["status"] != "failed":
+            before = " (segmented before: skipped)" if r["status"] == "skipped" else ""
+            tif = out / (Path(r["file"]).stem + ".tif")
+            print(f"{r['file']}: {r['n_particles']} particles -> {tif}{before}")
+    failed = [r for r in results if r["status"] == "failed"]
+    if failed:
+        say(
+            f"{len(failed)} of {len(results)} image(s) failed (listed under 'errors' in "
+            f"{out / REPORT_NAME}); fix them and run the same command again to redo only those"
+        )
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+def refuse_oversized(args: argparse.Namespace) -> None:
+    """Without ``--block-size``: refuse (``ValueError``) a TIFF / zarr input whose decoded
+    size exceeds ``--memory-limit`` (default a quarter of the memory), naming
+    ``--block-size``; loading it whole would exhaust the memory."""
+    if args.block_format is not None or args.block_overlap is not None:
+        raise ValueError("--block-format and --block-overlap need --block-size PX")
+    from napari_sagegan.api.blocks import default_memory_limit, oversized
+
+    if args.memory_limit is not None and not args.memory_limit > 0:
+        raise ValueError(f"--memory-limit is in MB and must be positive, got {args.memory_limit}")
+    limit = default_memory_limit() if args.memory_limit is None else args.memory_limit * 1e6
+    big = oversized(args.inputs, int(limit))
+    if big:
+        path, n = big[0]
+        raise ValueError(
+            f"{path} would take {n / 1e6:.0f} MB decoded, more than the memory limit of "
+            f"{limit / 1e6:.0f} MB: segment it block by block with --block-size PX (e.g. "
+            "--block-size 2048), or raise --memory-limit MB"
+        )
+
+
+def run_blocks(args: argparse.Namespace) -> int:
+    """``sagegan segment --block-size PX``: each input block by block into
+    ``DIR/<stem>.zarr`` (or ``.tif``) and ``DIR/segment_report.json``; returns 0."""
+    if args.csv:
+        raise ValueError(
+            "--csv is not available with --block-size (the particle table of an image "
+            "larger than memory is not computed yet); leave out --csv"
+        )
+    if args.channel is not None:
+        raise ValueError("--channel is not available with --block-size: give 2-D grey inputs")
+    if args.threads_per_worker is not None and args.workers is None:
+        raise ValueError("--threads-per-worker needs --workers N")
+    from napari_sagegan.api import blocks
+
+    fmt = args.block_format or "zarr"
+    gen = blocks.segment_blocks_into(
+        args.inputs,
+        out=args.out,
+        block_format=fmt,
+        block_size=args.block_size,
+        overlap=args.block_overlap,
+        model=args.model,
+        device=args.device,
+        diameter=args.diameter,
+        diameter_nm=args.diameter_nm,
+        pixel_size=args.pixel_size,
+        infer={
+            "tile_size": args.tile_size,
+            "threshold": args.threshold,
+            "batch_size": args.batch_size,
+            "split": False if args.no_split else None,
+            "auto_scale": False if args.no_auto_scale else None,
+            "engine": args.engine,
+        },
+        scheduler=args.scheduler,
+        workers=args.workers,
+        threads_per_worker=args.threads_per_worker,
+    )
+    bars: list[Bar] = []
+
+    def show(ev: Any) -> None:
+        if ev.stage == "prepare":
+            say(ev.message)
+        elif ev.stage in ("blocks", "scale"):
+            d = ev.data
+            if len(bars) <= d.get("index", 0):
+                if bars:
+                    bars[-1].close()
+                bars.append(Bar(f"[{d.get('index', 0) + 1}/{d.get('n_images', 1)}] {d['image']}"))
+            if ev.stage == "blocks":
+                bars[-1].show(ev)
+        elif ev.stage == "image":
+            r = ev.data["result"]
+            say(f"{r.name}: {r.n_blocks} blocks of {r.block_size} px (overlap {r.overlap} px)")
+            if r.scale is not None and r.scale.diameter is not None:
+                say(f"{r.name}: {r.scale.describe(r.pixel_size.nm)}")
+            for line in notes(r):
+                say(line)
+
+    try:
+        results = run_to_end(gen, show)
+    finally:
+        for bar in bars:
+            bar.close()
+    for r in results:
+        print(f"{r.name}: {r.n_particles} particles -> {r.output}")
     return 0

@@ -104,12 +104,23 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from napari_sagegan import api
+    from napari_sagegan.cli._common import EXIT_TERMINATED, Terminated
     from napari_sagegan.engine.config import TrainConfig
+    from napari_sagegan.engine.train.distributed import (
+        PeerStopped,
+        exit_now,
+        is_follower,
+        launch_env,
+    )
+    from napari_sagegan.util.progress import run_to_end
 
+    # under torchrun, the ranks other than 0 train in silence (rank 0 reports and writes)
+    follower, several = is_follower(), launch_env()[1] > 1
     max_minutes, epochs = args.max_minutes, args.epochs
     if max_minutes is None and epochs is None:
         max_minutes = 60.0
-        say("no --epochs or --max-minutes given: training for at most 60 minutes")
+        if not follower:
+            say("no --epochs or --max-minutes given: training for at most 60 minutes")
     with flag_names([*FLAGS, "epochs", "max_minutes", "target_diameter"]):
         config = TrainConfig(
             epochs=500 if epochs is None else epochs,
@@ -143,15 +154,24 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )  # fmt: skip
     try:
-        trained = drive(gen, "train", on_event)
-    except KeyboardInterrupt:
-        say(f"interrupted; {_what_was_written(run_state.get('trainer'), out)}")
+        trained = run_to_end(gen) if follower else drive(gen, "train", on_event)
+    except KeyboardInterrupt as err:
+        if not follower:
+            say(f"interrupted; {_what_was_written(run_state.get('trainer'), out)}")
+        if several:  # every rank stops now (see exit_now)
+            exit_now(EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
+    except PeerStopped as err:  # another process of a torchrun launch stopped
+        say(str(err) if follower else f"{err}; {_what_was_written(run_state.get('trainer'), out)}")
+        exit_now(1)
+        return 1  # not reached
     except ValueError:  # TrainingDiverged among them: say what stays on disk
         trainer = run_state.get("trainer")
         if trainer is not None and trainer.written is not None:
             say(f"the best model before the error is in {out}")
         raise
+    if follower:
+        return 0
     result = trained.result
     if result.skipped_steps:
         say(

@@ -264,6 +264,13 @@ class TrainConfig(_Config):
             raise ValueError(f"scale_jitter must be in [1, 4], got {self.scale_jitter}")
 
 
+#: The overlap of neighbouring tiles, network pixels, by default: the context the network's
+#: output depends on measurably. With 128 px the particle probability at a seam is within
+#: 0.015-0.06 of one whole-image pass and the labels are the same (64 px: within 0.14-0.23);
+#: ``benchmarks/bench_throughput.py --seams`` measures it (docs/benchmarks.md).
+CONTEXT_PX = 128
+
+
 @dataclass(frozen=True)
 class InferConfig(_Config):
     """How to segment an image (tiled inference + post-processing).
@@ -271,9 +278,13 @@ class InferConfig(_Config):
     Attributes
     ----------
     tile_size : int
-        Side of the square tiles, pixels (rounded up to the network's divisor).
-    overlap : float
-        Fraction of a tile shared with its neighbour, in [0, 0.9).
+        Side of the square tiles, pixels (rounded up to the network's divisor). Tiling is a
+        property of the machine, not of the model: a checkpoint's stored tiling is ignored
+        (:meth:`~napari_sagegan.engine.infer.segment.Segmenter.default_infer_config`).
+    overlap : float or None
+        Fraction of a tile shared with its neighbour, in [0, 0.9); ``None`` (default): the
+        network's context, :data:`CONTEXT_PX` pixels whatever the tile (see
+        :meth:`overlap_for`).
     batch_size : int
         Tiles per forward pass.
     threshold : float
@@ -310,13 +321,30 @@ class InferConfig(_Config):
     exclude_annotations : bool
         Detect burned-in scale bars, their labels, panel letters and SEM data bars, and
         remove the particles they would give (:mod:`~napari_sagegan.engine.infer.annotations`).
+    engine : str
+        What runs the network: ``torch`` (PyTorch eager), ``onnxruntime`` or ``openvino``
+        (the network exported to ONNX in memory, CPU only, optional extras ``onnx`` /
+        ``openvino``), or ``auto`` (the first of those installed, else torch). A missing or
+        failing engine falls back to torch with a warning
+        (:mod:`~napari_sagegan.engine.infer.engines`).
+
+    scale_band : (float, float)
+        The particle sizes the network is as accurate at as at its training scale, as
+        fractions of it (the model's ``target_diameter``): an image whose particles already
+        fall in the band is not resampled; any other is resampled to the band's low end, the
+        cheapest accurate size. The default ``(1.0, 1.0)`` always resamples to the training
+        scale: with the size given exactly the bundled model is as accurate at 0.75 of it
+        (24 px) for 1.8x less computing, but with the size estimated, ``(0.75, 1.0)`` lost
+        0.05-0.10 of F1@0.5 on generated 6-px and 60-px images
+        (``benchmarks/bench_throughput.py --curve``, docs/benchmarks.md); a band is for
+        users who give the size and accept that trade.
 
     ``tile_size`` and ``min_size`` are in network pixels when the image is resampled.
     """
 
-    tile_size: int = 512
-    overlap: float = 0.25
-    batch_size: int = 4
+    tile_size: int = 1024
+    overlap: float | None = None
+    batch_size: int = 1
     threshold: float = 0.5
     seed_threshold: float = 0.5
     split: bool = True
@@ -328,21 +356,45 @@ class InferConfig(_Config):
     refine_scale: bool = False
     scale_search: bool = True
     exclude_annotations: bool = True
+    engine: str = "torch"
+    scale_band: tuple[float, float] = (1.0, 1.0)
 
     def __post_init__(self) -> None:
         if self.tile_size < 16:
             raise ValueError(f"tile_size must be at least 16 pixels, got {self.tile_size}")
-        if not 0.0 <= self.overlap < 0.9:
-            raise ValueError(f"overlap must be in [0, 0.9), got {self.overlap}")
+        if self.overlap is not None and not 0.0 <= self.overlap < 0.9:
+            raise ValueError(f"overlap must be in [0, 0.9) or None, got {self.overlap}")
+        band = self.scale_band
+        if (
+            not isinstance(band, (tuple, list))
+            or len(band) != 2
+            or not 0.0 < float(band[0]) <= float(band[1])
+        ):
+            raise ValueError(
+                "scale_band is (low, high) with 0 < low <= high, fractions of the network's "
+                f"particle size, got {band!r}"
+            )
+        object.__setattr__(self, "scale_band", (float(band[0]), float(band[1])))
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             raise ValueError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
+        if self.engine not in ("auto", "torch", "onnxruntime", "openvino"):
+            raise ValueError(
+                f"engine must be auto, torch, onnxruntime or openvino, got {self.engine!r}"
+            )
         if self.diameter is not None and not (self.diameter >= 1.0):
             raise ValueError(
                 f"diameter is the typical particle diameter in pixels and must be at least 1 "
                 f"(or None to estimate it), got {self.diameter}"
             )
+
+    def overlap_for(self, tile: int) -> float:
+        """The overlap fraction of tiles ``tile`` pixels wide: :attr:`overlap` when set, else
+        :data:`CONTEXT_PX` pixels of it (at most half a tile)."""
+        if self.overlap is not None:
+            return float(self.overlap)
+        return min(0.5, CONTEXT_PX / max(int(tile), 1))
 
 
 #: The offline perceptual terms phase 2 knows.

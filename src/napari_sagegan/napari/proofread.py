@@ -463,11 +463,11 @@ def network_maps(
     Returns ``(prob, dist or None, config)`` on the crop's grid, ``config`` being the
     :class:`~napari_sagegan.engine.config.InferConfig` used (its thresholds).
     """
-    from napari_sagegan.engine.infer.scale import scale_factor
+    from napari_sagegan.engine.infer.scale import band_factor
 
     config = segmenter.default_infer_config(**(infer or {}))
     target = segmenter.target_diameter
-    factor = scale_factor(diameter, target) if target else 1.0
+    factor = band_factor(diameter, target, config.scale_band) if target else 1.0
     yield Progress("maps", 0, 1, message="the network's maps around the click ...")
     maps = yield from segmenter.predict_maps(np.asarray(crop), config, factor=factor)
     dist = maps[1] if segmenter.model.config.dist_head else None

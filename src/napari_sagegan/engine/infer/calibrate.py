@@ -240,7 +240,7 @@ def calibrate(
     Yields ``Progress(stage="calibrate-maps")`` per image, then the grid's events.
     """
     from ...util.progress import relay
-    from .scale import median_diameter, scale_factor
+    from .scale import band_factor, median_diameter
 
     if len(images) != len(labels) or not images:
         raise ValueError(
@@ -257,7 +257,8 @@ def calibrate(
                 f"calibration image {i} has shape {np.shape(img)} but its labels {gt.shape}"
             )
         d = median_diameter(gt)
-        factor = scale_factor(d, target) if target else 1.0
+        # at the scale inference will use (the network's accurate band)
+        factor = band_factor(d, target, config.scale_band) if target else 1.0
         m = yield from relay(
             segmenter.predict_maps(img, config, factor=factor),
             lambda ev, i=i: Progress(

@@ -128,6 +128,22 @@ def scale_factor(diameter: float | None, target_diameter: float | None) -> float
     return float(np.clip(target_diameter / diameter, MIN_FACTOR, MAX_FACTOR))
 
 
+def band_factor(
+    diameter: float | None, target_diameter: float | None, band: tuple[float, float]
+) -> float:
+    """Resampling factor for particles of ``diameter`` px with a network trained at
+    ``target_diameter`` that is as accurate over ``band`` (fractions of it, see
+    ``InferConfig.scale_band``): 1 when the particles are in the band already, else the
+    factor that brings them to its low end (the cheapest accurate size), clipped to
+    ``[MIN_FACTOR, MAX_FACTOR]``; 1 when either size is unknown."""
+    if not diameter or not target_diameter or diameter <= 0 or target_diameter <= 0:
+        return 1.0
+    lo, hi = band[0] * target_diameter, band[1] * target_diameter
+    if lo <= diameter <= hi:
+        return 1.0
+    return scale_factor(diameter, lo)
+
+
 def _read_window(image: Any, limit: int) -> tuple[np.ndarray, np.ndarray | None]:
     """The central ``limit x limit`` (at most) part of an image, as float32, and where it is
     valid (``None``: everywhere). Only that part is read from a memmap or dask array.

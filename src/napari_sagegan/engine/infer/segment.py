@@ -41,14 +41,17 @@ from .confidence import particle_confidence
 from .postprocess import instances_from_maps
 from .scale import (
     ScaleInfo,
+    band_factor,
     estimate_diameter,
     median_diameter,
-    scale_factor,
 )
 from .tiling import n_tiles, predict_tiled
 
 #: Above this many pixels per slice the probability maps are kept as float16.
 _HALF_MAPS_PIXELS = 16_000_000
+#: InferConfig fields that describe the machine, not the model: a checkpoint's stored
+#: values (the defaults of the version that wrote it) are not used.
+_RUNTIME_FIELDS = frozenset({"tile_size", "overlap", "batch_size", "device", "engine"})
 
 
 @dataclass
@@ -194,12 +197,22 @@ class Segmenter:
 
     def default_infer_config(self, **overrides: Any) -> InferConfig:
         """The checkpoint's recommended inference settings, with ``overrides`` applied."""
-        stored = dict(self.checkpoint.get("infer") or {})
+        stored = {
+            k: v for k, v in dict(self.checkpoint.get("infer") or {}).items()
+            if k not in _RUNTIME_FIELDS
+        }  # fmt: skip
         stored.update({k: v for k, v in overrides.items() if v is not None})
         return InferConfig.from_dict(stored)
 
-    def _predict_fn(self, with_attention: bool):
+    def _predict_fn(self, with_attention: bool, engine: str = "torch"):
         model, device = self.model, self.device
+        if engine != "torch":  # ONNX Runtime / OpenVINO, built once; None: torch
+            from .engines import engine_predict_fn
+
+            cache = self.__dict__.setdefault("_engines", {})
+            fast = engine_predict_fn(model, device, engine, with_attention, cache)
+            if fast is not None:
+                return fast
 
         def fn(x: torch.Tensor) -> torch.Tensor:
             x = x.to(device, non_blocking=True)
@@ -245,7 +258,7 @@ class Segmenter:
                 return ScaleInfo(None, "estimate", 1.0)
         else:
             return ScaleInfo(None, "none", 1.0)
-        return ScaleInfo(d, source, scale_factor(d, target))
+        return ScaleInfo(d, source, band_factor(d, target, config.scale_band))
 
     def _searches(self, info: ScaleInfo, config: InferConfig) -> bool:
         return info.source == "estimate" and config.scale_search and bool(self.target_diameter)
@@ -326,7 +339,7 @@ class Segmenter:
         return ScaleInfo(
             d,
             "network",
-            scale_factor(d, target),
+            band_factor(d, target, config.scale_band),
             confidence=found.confidence,
             alternatives=tuple(found.alternatives()[:2])
             + ((info.diameter,) if info.diameter else ()),
@@ -339,19 +352,22 @@ class Segmenter:
         *,
         with_attention: bool = False,
         factor: float = 1.0,
+        value_range: tuple[float, float] | None = None,
     ) -> Generator[Progress, None, np.ndarray]:
         """Probability maps ``(K, Y, X)`` of a 2-D image: particle prob, [dist], [attention].
 
         With ``factor != 1`` every tile is resampled by ``factor`` before the network and
         its maps resampled back, so the maps are on the image's grid; tiles are cut
         ``tile_size / factor`` image pixels wide, so the network still sees ``tile_size``.
+        ``value_range``: the grey levels mapped to -1 and +1 (default: the image's robust
+        percentiles); the blocks of a larger image pass the whole image's (:mod:`.blocks`).
         """
         config = config or self.default_infer_config()
         shape = check_image(image)
         if len(shape) != 2:
             raise ValueError(f"predict_maps expects a 2-D image, got shape {shape}")
         out_dtype = np.float16 if shape[0] * shape[1] > _HALF_MAPS_PIXELS else np.float32
-        fn = self._predict_fn(with_attention)
+        fn = self._predict_fn(with_attention, config.engine)
         divisor = self.model.config.divisor
         tile = config.tile_size
         if abs(factor - 1.0) > 1e-6:
@@ -361,12 +377,13 @@ class Segmenter:
             fn,
             image,
             tile_size=tile,
-            overlap=config.overlap,
+            overlap=config.overlap_for(config.tile_size),
             batch_size=config.batch_size,
             divisor=divisor,
             device=self.device,
             out_dtype=out_dtype,
             channels_last=self.device.type == "cpu",
+            value_range=value_range,
         )
         return maps
 
@@ -388,8 +405,10 @@ class Segmenter:
 
     def _tiles(self, yx: tuple[int, int], config: InferConfig, factor: float) -> int:
         if abs(factor - 1.0) > 1e-6:
-            return n_tiles(yx, max(8, int(round(config.tile_size / factor))), config.overlap, 1)
-        return n_tiles(yx, config.tile_size, config.overlap, self.model.config.divisor)
+            tile = max(8, int(round(config.tile_size / factor)))
+            return n_tiles(yx, tile, config.overlap_for(config.tile_size), 1)
+        overlap = config.overlap_for(config.tile_size)
+        return n_tiles(yx, config.tile_size, overlap, self.model.config.divisor)
 
     def _plane(
         self,
@@ -398,6 +417,7 @@ class Segmenter:
         info: ScaleInfo,
         with_attention: bool,
         report,
+        value_range: tuple[float, float] | None = None,
     ) -> Generator[Progress, None, tuple[np.ndarray, np.ndarray, list[dict[str, Any]], int]]:
         """Segment one 2-D plane at ``info``'s scale; ``report(ev)`` turns tile events into
         the caller's events. Returns ``(labels, maps, excluded, n_missing)``.
@@ -412,7 +432,13 @@ class Segmenter:
             zeros = np.zeros((k, *missing.shape), np.float32)
             return np.zeros(missing.shape, np.int32), zeros, [], int(missing.size)
         maps = yield from relay(
-            self.predict_maps(plane, config, with_attention=with_attention, factor=info.factor),
+            self.predict_maps(
+                plane,
+                config,
+                with_attention=with_attention,
+                factor=info.factor,
+                value_range=value_range,
+            ),
             report,
         )
         min_size = config.min_size
@@ -470,6 +496,7 @@ class Segmenter:
         with_attention: bool = False,
         keep_maps: bool = False,
         scale: ScaleInfo | None = None,
+        value_range: tuple[float, float] | None = None,
     ) -> Generator[Progress, None, SegmentResult]:
         """Segment a 2-D image or a 3-D stack (slice by slice) into instance labels.
 
@@ -484,7 +511,8 @@ class Segmenter:
 
         Yields ``Progress(stage="tiles", step, total)`` over the ladder's rungs and all
         tiles of all slices (the total grows when another size is tried). ``scale``: a plan
-        from :meth:`plan`.
+        from :meth:`plan`. ``value_range``: the grey levels mapped to -1 and +1 for every
+        slice (default: each slice's robust percentiles; see :meth:`predict_maps`).
         """
         config = config or self.default_infer_config()
         shape = check_image(image)
@@ -532,7 +560,9 @@ class Segmenter:
         ):
             # the full pass checks the size: retry elsewhere when it disagrees
             tries = [info] + [
-                ScaleInfo(d, info.source, scale_factor(d, self.target_diameter), 0.0)
+                ScaleInfo(
+                    d, info.source, band_factor(d, self.target_diameter, config.scale_band), 0.0
+                )
                 for d in info.alternatives
             ]
             if config.refine_scale and not config.scale_search:
@@ -542,7 +572,9 @@ class Segmenter:
                 n_t = self._tiles(yx, config, cand.factor)
                 if k:
                     state["total"] += n_t
-                out = yield from self._plane(ref, config, cand, with_attention, report(ref_z))
+                out = yield from self._plane(
+                    ref, config, cand, with_attention, report(ref_z), value_range
+                )
                 state["done"] += n_t
                 min_area = max(1, int(round(config.min_size / cand.factor**2)))
                 cost = self._agreement(out[0], cand, min_area)
@@ -554,7 +586,7 @@ class Segmenter:
             if config.refine_scale and math.isfinite(cost) and cost > math.log(1.3):
                 measured = median_diameter(first[0], min_area=1)
                 chosen = ScaleInfo(
-                    measured, "network", scale_factor(measured, self.target_diameter),
+                    measured, "network", band_factor(measured, self.target_diameter, config.scale_band),
                     chosen.confidence, chosen.alternatives,
                 )  # fmt: skip
                 first = None
@@ -584,7 +616,7 @@ class Segmenter:
             else:
                 plane = image if z is None else image[z]
                 lab, maps, ex, n_missing = yield from self._plane(
-                    plane, config, info, with_attention, report(z)
+                    plane, config, info, with_attention, report(z), value_range
                 )
                 state["done"] += self._tiles(yx, config, info.factor)
             nonfinite += n_missing

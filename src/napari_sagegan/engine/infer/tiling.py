@@ -42,6 +42,10 @@ def _round_up(value: int, divisor: int) -> int:
     return -(-int(value) // int(divisor)) * int(divisor)
 
 
+def _round_down(value: int, divisor: int) -> int:
+    return int(value) // int(divisor) * int(divisor)
+
+
 def _check_overlap(overlap: float) -> None:
     if not 0.0 <= overlap < 1.0:
         raise ValueError(
@@ -118,6 +122,47 @@ def tile_grid(
     return [(y, x) for y in ys for x in xs]
 
 
+def _balanced_axis(length: int, tile: int, overlap: float, divisor: int) -> tuple[int, list[int]]:
+    """The tile side and start offsets along one axis: as many tiles as :func:`_axis_starts`
+    gives for ``tile``, each shrunk to the smallest multiple of ``divisor`` that still
+    shares ``overlap * tile`` pixels with its neighbour, evenly spaced. Fewer pixels go
+    through the network: a 1536-px side takes two 832-px tiles instead of two of 1024."""
+    full = _round_up(tile, divisor)
+    if length <= full:
+        return min(full, _round_up(max(length, 1), divisor)), [0]
+    n = len(_axis_starts(length, full, overlap))
+    margin = int(math.ceil(overlap * full))
+    side = min(full, _round_up(-(-(length + (n - 1) * margin) // n), divisor))
+    while side < full:
+        # starts on the network's grid (multiples of ``divisor``), the last one flush with
+        # the end: a U-Net is not shift-invariant, so a tile that starts off its grid gives
+        # other maps than a whole-image pass would (up to 0.28 in probability, measured)
+        starts = [
+            _round_down(round(i * (length - side) / (n - 1)), divisor) for i in range(n - 1)
+        ] + [length - side]
+        if all(a + side - b >= margin for a, b in zip(starts, starts[1:])):
+            return side, starts
+        side += divisor
+    return full, _axis_starts(length, full, overlap)
+
+
+def balanced_grid(
+    shape: tuple[int, int], tile_size: int, overlap: float, divisor: int
+) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+    """Tile sides ``(th, tw)`` and the row-major corners :func:`predict_tiled` uses: the
+    tiles of :func:`tile_grid` for ``tile_size`` (same count, same minimum overlap in
+    pixels), shrunk to cover the image with the least computing (see
+    :func:`_balanced_axis`)."""
+    _check_overlap(overlap)
+    if divisor < 1:
+        raise ValueError(f"divisor must be a positive integer, got {divisor}")
+    if tile_size < 1:
+        raise ValueError(f"tile_size must be a positive number of pixels, got {tile_size}")
+    th, ys = _balanced_axis(int(shape[0]), int(tile_size), overlap, divisor)
+    tw, xs = _balanced_axis(int(shape[1]), int(tile_size), overlap, divisor)
+    return (th, tw), [(y, x) for y in ys for x in xs]
+
+
 def n_tiles(shape: tuple[int, int], tile_size: int, overlap: float, divisor: int) -> int:
     """Number of tiles :func:`predict_tiled` runs for an image of this shape.
 
@@ -128,7 +173,7 @@ def n_tiles(shape: tuple[int, int], tile_size: int, overlap: float, divisor: int
     tile_size, overlap, divisor
         As in :func:`predict_tiled`.
     """
-    return len(tile_grid(shape, tile_sides(shape, tile_size, divisor), overlap))
+    return len(balanced_grid(shape, tile_size, overlap, divisor)[1])
 
 
 def _window_1d(n: int) -> np.ndarray:
@@ -339,8 +384,9 @@ def predict_tiled(
         :mod:`..data.intensity`); their maps are the network's guess, for the caller to
         mask.
     tile_size : int
-        Tile side, pixels; rounded up to ``divisor``, and shrunk to the image side (rounded
-        up to ``divisor``) for small images.
+        Largest tile side, pixels; rounded up to ``divisor``; shrunk to the image side
+        (rounded up to ``divisor``) for small images, and otherwise to the least that covers
+        the image with the same number of tiles and overlap (:func:`balanced_grid`).
     overlap : float
         Fraction of a tile shared with its neighbour, in [0, 1).
     batch_size : int
@@ -389,11 +435,10 @@ def predict_tiled(
     out_dtype = np.dtype(out_dtype)
     if not np.issubdtype(out_dtype, np.floating):
         raise ValueError(f"out_dtype must be a floating dtype (float32, float16), got {out_dtype}")
-    th, tw = tile_sides(shape, tile_size, divisor)
+    (th, tw), corners = balanced_grid(shape, tile_size, overlap, divisor)
     device = torch.device(device)
     lo, hi, fill = _resolve_range(image, value_range)
 
-    corners = tile_grid(shape, (th, tw), overlap)
     total = len(corners)
     clock = EtaClock(total)
     window = blend_window(th, tw)

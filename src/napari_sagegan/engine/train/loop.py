@@ -30,6 +30,10 @@ steps, the latest ones, are skipped in a row when it ends, the run stops with
 :class:`TrainingDiverged`. Weights that are not finite are never kept as the best
 (:meth:`Fit.keep_best`) and validation scores that are not finite never count as an
 improvement (:meth:`Fit.beats`).
+
+Several processes (torchrun): when :attr:`Fit.ddp` is set, the budget and the schedule run on
+rank 0's clock (:meth:`Fit.elapsed`) and every rank skips a non-finite step or none
+(:meth:`Fit.finite_update`); see :mod:`~napari_sagegan.engine.train.distributed`.
 """
 
 from __future__ import annotations
@@ -92,7 +96,7 @@ def validate_segmenter(
                 fn,
                 image,
                 tile_size=infer.tile_size,
-                overlap=infer.overlap,
+                overlap=infer.overlap_for(infer.tile_size),
                 batch_size=infer.batch_size,
                 divisor=arch.divisor,
                 device=device,
@@ -132,6 +136,9 @@ class Fit:
     record_keys: tuple[str, ...] | None = None
     #: Skipped (non-finite) steps in a row after which the run stops (:class:`TrainingDiverged`).
     max_nonfinite_steps: int = 20
+    #: The processes this run shares its steps with under torchrun
+    #: (:class:`~napari_sagegan.engine.train.distributed.DistributedRun`; ``None``: one).
+    ddp: Any = None
 
     def _setup(
         self,
@@ -228,10 +235,14 @@ class Fit:
             and all_finite(p.grad for p in params if p.grad is not None)
             and all_finite(b for m in modules for b in m.buffers())
         )
+        if self.ddp is not None:  # every process skips, or none
+            ok = self.ddp.agree(ok)
         if ok:
             for opt in optimizers:
                 opt.step()
             ok = all_finite(params)
+            if self.ddp is not None:
+                ok = self.ddp.agree(ok)
         if not ok:
             self.restore(snap, modules)
             for opt in optimizers:
@@ -277,6 +288,12 @@ class Fit:
             return cfg.steps_per_epoch
         per_batch = cfg.patch_size**2 * cfg.batch_size
         return max(1, math.ceil(self.sampler.pixels / per_batch))
+
+    def elapsed(self, t0: float) -> float:
+        """Seconds since ``t0`` (``time.perf_counter``); on several processes rank 0's, so
+        that the budget and the schedule are the same for every rank."""
+        seconds = time.perf_counter() - t0
+        return seconds if self.ddp is None else self.ddp.elapsed(seconds)
 
     # ------------------------------------------------------------------ selection
     def beats(self, metrics: dict[str, float]) -> bool:
@@ -351,7 +368,7 @@ class Fit:
                 self._step_bad = self._step_guarded = False
                 self.run_fraction = min(1.0, done / total) if total else 0.0
                 if budget:
-                    spent = (time.perf_counter() - t0) / budget
+                    spent = self.elapsed(t0) / budget
                     self.run_fraction = min(1.0, max(self.run_fraction, spent))
                 parts = self.train_step(epoch)
                 if not self._step_guarded and not math.isfinite(float(parts.get("loss", 0.0))):
@@ -370,7 +387,7 @@ class Fit:
                     sums.setdefault(k, 0.0)
                     if not self._step_bad:
                         sums[k] += parts[k]
-                elapsed = time.perf_counter() - t0
+                elapsed = self.elapsed(t0)
                 eta = elapsed / done * (total - done)
                 if budget is not None:
                     eta = min(eta, max(0.0, budget - elapsed))

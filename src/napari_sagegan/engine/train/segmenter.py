@@ -28,6 +28,10 @@ fine-tuned model (at its calibrated thresholds), the starting model, and the sta
 with thresholds re-calibrated on those images (:attr:`TrainResult.decision`). When the bands
 hold no particle, the training images stand in for validation (said to the user).
 
+Under ``torchrun`` (``WORLD_SIZE > 1``) each process trains on its share of every global
+batch through DistributedDataParallel and rank 0 alone validates, chooses and writes
+(:mod:`~napari_sagegan.engine.train.distributed`); otherwise nothing of it is used.
+
 Over 500 lines because the three comparisons (the run's best, the file at ``out``, the
 starting model) share the validation images, the operating points and the one write to
 ``out``; split apart, each would need the others' state.
@@ -38,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +56,7 @@ from ..config import ArchConfig, InferConfig, TrainConfig
 from ..data.augment import AUGMENTATIONS
 from ..data.sampling import PatchSampler
 from ..nets.attention_unet import AttentionUNet
+from .distributed import DistributedRun
 from .loop import Fit, validate_segmenter
 from .losses import segmentation_loss
 
@@ -137,10 +142,14 @@ class SegmenterTrainer(Fit):
         self.written: Path | None = None  # the file this run wrote
         self._validated = False  # a validation round ran in this run
         cfg = self.config
+        # under torchrun (WORLD_SIZE > 1): this process's share of the run, else None
+        self.ddp = DistributedRun.from_env(device, cfg.batch_size)
         pairs = self._setup(
             images, labels, cfg, device=device, val_images=val_images, val_labels=val_labels,
             holdout=cfg.holdout, margin=cfg.patch_size // 2, extra=rehearsal_pairs(cfg),
         )  # fmt: skip
+        if self.ddp is not None:
+            self.device = self.ddp.device  # cuda:LOCAL_RANK on CUDA
         #: The model fine-tuned from (``init``), scored on the same validation images before
         #: training and kept when the new one does not beat it (:meth:`choose_model`).
         self.base: Checkpoint | None = None
@@ -188,6 +197,13 @@ class SegmenterTrainer(Fit):
                 val_labels=list(self.pairs.train_labels), val_regions=(),
             )  # fmt: skip
         self.model.to(self.device)
+        #: What the steps run: the model, or its DDP wrapper on several processes (the model
+        #: itself, unwrapped, is what is validated and saved).
+        self._net = (
+            self.model
+            if self.ddp is None
+            else self.ddp.wrap(self.model, find_unused=self.config.freeze_encoder > 0)
+        )
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay
         )
@@ -285,7 +301,26 @@ class SegmenterTrainer(Fit):
 
     def _write_out(self, **fields: Any) -> None:
         assert self.out is not None
+        if self.ddp is not None and not self.ddp.is_main:
+            return  # rank 0 alone writes
         self.written = self.save(self.out, **fields)
+
+    @property
+    def device_name(self) -> str:
+        """The device, for the user (with the number of processes under torchrun)."""
+        name = super().device_name
+        return name if self.ddp is None else f"{name} in each of {self.ddp.world} processes"
+
+    @property
+    def _follower(self) -> bool:
+        """A rank other than 0 under torchrun: it neither validates nor writes."""
+        return self.ddp is not None and not self.ddp.is_main
+
+    def run(self) -> Generator[Progress, None, TrainResult]:
+        """:meth:`Fit.run`; on several processes a rank that stops early makes the others
+        stop (:meth:`~napari_sagegan.engine.train.distributed.DistributedRun.guard`)."""
+        gen = super().run()
+        return (yield from (gen if self.ddp is None else self.ddp.guard(gen)))
 
     @property
     def val_has_particles(self) -> bool:
@@ -368,7 +403,7 @@ class SegmenterTrainer(Fit):
         the model already at ``out`` (it stays unless the new one beats it)."""
         if self.base_metrics is None:
             self.score_base()
-        if self.existing is not None:
+        if self.existing is not None and not self._follower:
             yield Progress("prepare", 0, None, message=f"scoring the model already at {self.out}")
             self.existing_metrics = m = self._score_existing()
             yield Progress(
@@ -407,6 +442,8 @@ class SegmenterTrainer(Fit):
     def train_step(self, epoch: int) -> dict[str, float]:
         cfg = self.config
         self._schedule()
+        if self.ddp is not None:
+            return self._distributed_step(self.sampler.sample(cfg.batch_size))
         x, fg, dist = (t.to(self.device) for t in self.sampler.sample(cfg.batch_size))
         snap = self.snapshot(self.model)
         loss, parts = segmentation_loss(self.model(x), fg, dist, cfg)
@@ -417,8 +454,25 @@ class SegmenterTrainer(Fit):
         self.step += 1
         return {"loss": float(loss.detach()), **parts, "lr": self.optimizer.param_groups[0]["lr"]}
 
+    def _distributed_step(self, batch: Sequence[torch.Tensor]) -> dict[str, float]:
+        """:meth:`train_step` on this rank's slice of the global ``batch`` (drawn whole by
+        every rank), through DDP; the losses reported are the global batch's."""
+        assert self.ddp is not None
+        x, fg, dist = (t.to(self.device) for t in self.ddp.shard(*batch))
+        snap = self.snapshot(self.model)
+        loss, parts, total = self.ddp.loss(self._net(x), fg, dist, self.config)
+        self.optimizer.zero_grad(set_to_none=True)
+        if math.isfinite(total):  # the same on every rank: all go backward, or none
+            loss.backward()
+        self.finite_update(total, self.optimizer, snap)
+        self.step += 1
+        return {"loss": total, **parts, "lr": self.optimizer.param_groups[0]["lr"]}
+
     def validate_epoch(self, epoch: int, record: dict[str, Any]) -> tuple[str, bool]:
-        metrics = self.validate()
+        if self.ddp is None:
+            metrics = self.validate()
+        else:  # rank 0 validates; every rank takes the same decisions from its scores
+            metrics = self.ddp.share(self.validate() if self.ddp.is_main else {})
         record.update({f"val_{k}": v for k, v in metrics.items()})
         if metrics and self.config.schedule == "plateau":
             self.scheduler.step(metrics["f1@0.5"])
@@ -452,7 +506,10 @@ class SegmenterTrainer(Fit):
 
     def after_fit(self) -> Iterator[Progress]:
         """Calibrate the best model's operating point (:meth:`calibrate_best`); then, when no
-        validation round wrote ``out`` (no epoch was left to run), write the model there."""
+        validation round wrote ``out`` (no epoch was left to run), write the model there.
+        On several processes rank 0 alone does it."""
+        if self._follower:
+            return
         yield from self.calibrate_best()
         yield from self.choose_model()
         if self.written is None and not self._validated and self.may_write_out():
@@ -496,6 +553,8 @@ class SegmenterTrainer(Fit):
         """Score the starting model (``init``) on the validation images at its own operating
         point, once (before the first step; the api calls it earlier to say the scores);
         ``None`` without a starting model or validation particles."""
+        if self._follower:
+            return None  # rank 0 compares and writes
         if self.base_metrics is None and self.base is not None and self.val_has_particles:
             self.base_metrics = self._validate_ckpt(self.base, self.base_infer)
         return self.base_metrics

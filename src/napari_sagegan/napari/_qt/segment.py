@@ -39,6 +39,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_sagegan.engine.config import InferConfig
 from napari_sagegan.napari import jobs
 from napari_sagegan.napari._qt.common import (
     ModelDock,
@@ -102,7 +103,7 @@ class SegmentWidget(ModelDock):
         self.tile_spin = spin_box(
             64,
             4096,
-            512,
+            InferConfig().tile_size,
             step=64,
             suffix=" px",
             tooltip="Images are processed in overlapping tiles of this size",
@@ -264,7 +265,8 @@ class SegmentWidget(ModelDock):
                 pass
 
     def apply_model_settings(self) -> None:
-        """Show the current model's recommended tile size, threshold and split setting."""
+        """Show the current model's recommended threshold and split setting (tiling is the
+        machine's, not the model's: see ``InferConfig.tile_size``)."""
         entry = self.store.current
         self._settings_of = entry
         try:
@@ -272,8 +274,6 @@ class SegmentWidget(ModelDock):
             infer = entry.load().get("infer") or {}
         except (OSError, ValueError):
             return
-        if "tile_size" in infer:
-            self.tile_spin.setValue(int(infer["tile_size"]))
         if "threshold" in infer:
             self.threshold_spin.setValue(float(infer["threshold"]))
         if "split" in infer:
