@@ -207,7 +207,7 @@ def run_monai(seg, images):
     return out
 
 
-def bench_main(quick: bool):
+def bench_main(quick: bool, band: bool = False):
     import tifffile
 
     seg = Segmenter.load("default", device="cpu")
@@ -223,6 +223,10 @@ def bench_main(quick: bool):
             truth = [lab for _, _, lab in items]
             results = {}
             pipelines = [("0.1 pipeline", OLD), ("this version", {})]
+            if band:  # the accurate band of --curve, with the particle size estimated
+                pipelines.append(
+                    ("this version, scale_band (0.75, 1)", {"scale_band": (0.75, 1.0)})
+                )
             if importlib.util.find_spec("onnxruntime") is not None:
                 pipelines.append(("this version, --engine onnxruntime", {"engine": "onnxruntime"}))
             for label, infer in pipelines:
@@ -320,6 +324,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--curve", action="store_true")
     ap.add_argument("--seams", action="store_true")
+    ap.add_argument(
+        "--band",
+        action="store_true",
+        help="also run scale_band (0.75, 1) with the size estimated (section "
+        "bench-throughput-band instead of bench-throughput)",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: as set)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -330,6 +340,7 @@ def main() -> None:
         [
             "",
             *(["--quick"] if args.quick else []),
+            *(["--band"] if args.band else []),
             *([f"--threads {args.threads}"] if args.threads else []),
         ]
     )
@@ -368,7 +379,7 @@ def main() -> None:
             if args.seams:
                 write_section("bench-seams", "### Tile overlap against seams\n\n" + parts[-1])
         return
-    rows, prof = bench_main(args.quick)
+    rows, prof = bench_main(args.quick, args.band)
     body = (
         "## Throughput end to end (issue 18)\n\n"
         f"Command: `{cmd}` ({machine()}; {(time.perf_counter() - t0) / 60:.1f} min). Whole "
@@ -383,7 +394,7 @@ def main() -> None:
     )
     print(body)
     if not args.no_write:
-        write_section("bench-throughput", body)
+        write_section("bench-throughput-band" if args.band else "bench-throughput", body)
 
 
 if __name__ == "__main__":

@@ -334,10 +334,10 @@ class InferConfig(_Config):
         fall in the band is not resampled; any other is resampled to the band's low end, the
         cheapest accurate size. The default ``(1.0, 1.0)`` always resamples to the training
         scale: with the size given exactly the bundled model is as accurate at 0.75 of it
-        (24 px) for 1.8x less computing, but with the size estimated, ``(0.75, 1.0)`` lost
-        0.05-0.10 of F1@0.5 on generated 6-px and 60-px images
-        (``benchmarks/bench_throughput.py --curve``, docs/benchmarks.md); a band is for
-        users who give the size and accept that trade.
+        (24 px) for 1.8x less computing (``benchmarks/bench_throughput.py --curve``), but
+        with the size estimated ``(0.75, 1.0)`` lost 0.07-0.10 of F1@0.5 on generated 6-px
+        and 60-px images (``bench_throughput.py --quick --band``, docs/benchmarks.md); a
+        band is for users who give the size and accept that trade.
 
     ``tile_size`` and ``min_size`` are in network pixels when the image is resampled.
     """
