@@ -162,7 +162,7 @@ def _source(item: Any, pixel_size: Any) -> Micrograph:
 def _cluster(scheduler: Any, workers: int | None, threads: int | None) -> Iterator[Any]:
     """``scheduler`` as :func:`~napari_sagegan.engine.infer.blocks.segment_blocks` takes it:
     an address becomes a Client of it, ``workers`` a LocalCluster's Client (closed at the
-    end); anything else is passed on."""
+    end: :func:`napari_sagegan.api.distributed._client`'s); anything else is passed on."""
     address = isinstance(scheduler, str) and "://" in scheduler
     if not address and workers is None:
         yield scheduler
@@ -171,36 +171,13 @@ def _cluster(scheduler: Any, workers: int | None, threads: int | None) -> Iterat
         raise ValueError("give either a scheduler address or a number of workers, not both")
     if workers is not None and workers < 1:
         raise ValueError(f"the number of workers must be at least 1, got {workers}")
-    try:
-        import distributed
-    except ImportError:
-        raise ImportError(
-            "running the blocks on a cluster needs dask.distributed: pip install "
-            "'napari-sagegan[distributed]'"
-        ) from None
-    cluster = None
-    if address:
-        try:
-            client = distributed.Client(scheduler)
-        except (OSError, TimeoutError) as err:
-            raise ValueError(
-                f"cannot reach the dask scheduler at {scheduler} ({err}); check the address "
-                "that `dask scheduler` printed and that it is still running"
-            ) from err
-    else:
-        n = str(threads or 1)  # torch threads per worker process, read when torch loads
-        env = {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
-        cluster = distributed.LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-            env=env,
-        )  # fmt: skip
-        client = distributed.Client(cluster)
-    try:
-        yield client
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+    from napari_sagegan.api.distributed import _client, require_distributed
+
+    distributed = require_distributed()
+    n = str(threads or 1)  # torch threads per worker process, read when torch loads
+    env = {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+    with _client(distributed, scheduler if address else None, workers, threads or 1, env) as c:
+        yield c
 
 
 def _format_of(out: Path, format: str | None) -> str:

@@ -299,9 +299,15 @@ def _finished(out: Path, settings: dict[str, Any], csv: bool) -> tuple[dict[str,
 
 
 @contextlib.contextmanager
-def _client(distributed: Any, scheduler: Any, workers: int | None, threads: int) -> Iterator[Any]:
+def _client(
+    distributed: Any,
+    scheduler: Any,
+    workers: int | None,
+    threads: int,
+    env: dict[str, str] | None = None,
+) -> Iterator[Any]:
     """A Client of ``scheduler`` (an address or a Client), or of a LocalCluster of
-    ``workers`` processes; closed at the end when made here."""
+    ``workers`` processes (their environment ``env``); closed at the end when made here."""
     if isinstance(scheduler, distributed.Client):
         yield scheduler
         return
@@ -316,8 +322,9 @@ def _client(distributed: Any, scheduler: Any, workers: int | None, threads: int)
         # images took 1.3-1.9x as long (benchmarks/bench_distributed.py --trimmed); unset here.
         with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
             cluster = distributed.LocalCluster(
-                n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None
-            )
+                n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                env=env or {},
+            )  # fmt: skip
         client = distributed.Client(cluster)
     else:
         try:

@@ -213,6 +213,36 @@ def notes(r: Any) -> list[str]:
     return lines
 
 
+def say_result(r: Any) -> None:
+    """Print what ``segment`` says about one finished image: its particle size and
+    :func:`notes`."""
+    if r.scale is not None and r.scale.diameter is not None:
+        say(f"{r.name}: {r.scale.describe(r.pixel_size.nm)}")
+    for line in notes(r):
+        say(line)
+
+
+def image_bar(bars: list[Bar], data: dict[str, Any]) -> Bar:
+    """The progress bar of the image ``data`` describes (``index``, ``n_images``,
+    ``image``), opened (and the previous one closed) when it is a new one."""
+    index = data.get("index", 0)
+    if len(bars) <= index:
+        if bars:
+            bars[-1].close()
+        bars.append(Bar(f"[{index + 1}/{data.get('n_images', 1)}] {data['image']}"))
+    return bars[-1]
+
+
+def drive(gen: Any, show: Any, bars: list[Bar]) -> Any:
+    """Run a progress generator to its end through ``show``; the bars are closed however
+    it ends."""
+    try:
+        return run_to_end(gen, show)
+    finally:
+        for bar in bars:
+            bar.close()
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``sagegan segment``; returns the exit status (0)."""
     from napari_sagegan.api.segment import output_names
@@ -257,23 +287,11 @@ def run(args: argparse.Namespace) -> int:
             say(ev.message)
         elif ev.stage == "tiles":
             d = ev.data
-            if len(bars) <= d["index"]:
-                if bars:
-                    bars[-1].close()
-                bars.append(Bar(f"[{d['index'] + 1}/{d['n_images']}] {d['image']}"))
-            bars[-1].show(ev, total=d["image_total"], step=d["image_step"])
+            image_bar(bars, d).show(ev, total=d["image_total"], step=d["image_step"])
         elif ev.stage == "image":
-            r = ev.data["result"]
-            if r.scale is not None and r.scale.diameter is not None:
-                say(f"{r.name}: {r.scale.describe(r.pixel_size.nm)}")
-            for line in notes(r):
-                say(line)
+            say_result(ev.data["result"])
 
-    try:
-        results = run_to_end(gen, show)
-    finally:
-        for bar in bars:
-            bar.close()
+    results = drive(gen, show, bars)
     out = Path(args.out)
     for r in results:
         print(f"{r.name}: {r.n_particles} particles -> {out / (Path(r.name).stem + '.tif')}")
@@ -313,20 +331,12 @@ def run_distributed(args: argparse.Namespace, infer: dict[str, Any]) -> int:
             bars.append(Bar("images", total=ev.total))
             return
         if ev.stage == "image":
-            r = ev.data["result"]
-            if r.scale is not None and r.scale.diameter is not None:
-                say(f"{r.name}: {r.scale.describe(r.pixel_size.nm)}")
-            for line in notes(r):
-                say(line)
+            say_result(ev.data["result"])
         elif ev.stage == "failed":
             say(f"error: {ev.message}")
         bars[-1].show(ev)
 
-    try:
-        results = run_to_end(gen, show)
-    finally:
-        for bar in bars:
-            bar.close()
+    results = drive(gen, show, bars)
     out = Path(args.out)
     for r in results:
         if r["status"] != "failed":
@@ -411,26 +421,15 @@ def run_blocks(args: argparse.Namespace) -> int:
         if ev.stage == "prepare":
             say(ev.message)
         elif ev.stage in ("blocks", "scale"):
-            d = ev.data
-            if len(bars) <= d.get("index", 0):
-                if bars:
-                    bars[-1].close()
-                bars.append(Bar(f"[{d.get('index', 0) + 1}/{d.get('n_images', 1)}] {d['image']}"))
+            bar = image_bar(bars, ev.data)
             if ev.stage == "blocks":
-                bars[-1].show(ev)
+                bar.show(ev)
         elif ev.stage == "image":
             r = ev.data["result"]
             say(f"{r.name}: {r.n_blocks} blocks of {r.block_size} px (overlap {r.overlap} px)")
-            if r.scale is not None and r.scale.diameter is not None:
-                say(f"{r.name}: {r.scale.describe(r.pixel_size.nm)}")
-            for line in notes(r):
-                say(line)
+            say_result(r)
 
-    try:
-        results = run_to_end(gen, show)
-    finally:
-        for bar in bars:
-            bar.close()
+    results = drive(gen, show, bars)
     for r in results:
         print(f"{r.name}: {r.n_particles} particles -> {r.output}")
     return 0
