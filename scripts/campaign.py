@@ -65,7 +65,10 @@ CURVE_KEYS = [
     "gen_f1",
     "gen_size_bias",
     "date",
+    "lr",
 ]
+#: The learning rate of the rows written before the curve had an ``lr`` column.
+FIRST_LR = 5e-4
 #: Generated pairs mixed with the 321 EMPS training images (ratio EMPS : generated).
 N_GENERATED = 240
 #: Images of the selection set (whole training articles; model choice and calibration).
@@ -313,6 +316,7 @@ def run_chunk(args, data, gen_pairs) -> None:
         "gen_f1": fmt(g["f1"]),
         "gen_size_bias": fmt(g["size_bias"]),
         "date": time.strftime("%Y-%m-%d %H:%M"),
+        "lr": f"{args.lr:g}",
     }
     append_curve(CURVE, CURVE_KEYS, row)
     print(f"  chunk {chunk} done: {json.dumps(row)}", flush=True)
@@ -393,8 +397,8 @@ def _curve_table() -> str:
     rows = curve_rows(CURVE)
     if not rows:
         return "(no chunk yet)"
-    head = "| chunk | optimiser steps | CPU-hours | threshold / seed | selection F1@0.5 | LSO F1@0.5 (pooled) | LSO Dice | LSO size bias | generated F1@0.5 (pooled) | generated size bias |"
-    lines = [head, "|" + "---|" * 10]
+    head = "| chunk | optimiser steps | CPU-hours | Adam lr | threshold / seed | selection F1@0.5 | LSO F1@0.5 (pooled) | LSO Dice | LSO size bias | generated F1@0.5 (pooled) | generated size bias |"
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
 
         def pct(v):
@@ -402,6 +406,7 @@ def _curve_table() -> str:
 
         lines.append(
             f"| {r['chunk']} | {r['steps']} | {float(r['cpu_hours']):.2f} | "
+            f"{float(r.get('lr') or FIRST_LR):g} | "
             f"{float(r['threshold']):g} / {float(r['seed_threshold']):g} | {r['sel_f1']} | "
             f"{r['val_f1']} | {r['val_dice']} | {pct(r['val_size_bias'])} | {r['gen_f1']} | "
             f"{pct(r['gen_size_bias'])} |"
@@ -449,7 +454,7 @@ by `python scripts/campaign.py --ship`.
   half of them with a burned-in scale bar, label, panel letter or SEM data bar labelled
   as background). Ratio EMPS : generated about 305 : {N_GENERATED}.
 * **Recipe:** the campaign (`scripts/campaign.py`): chunks of about 15 minutes that resume from
-  `campaign/segmenter.pt` (the first from the previous bundled model), Adam lr 5e-4,
+  `campaign/segmenter.pt` (the first from the previous bundled model), Adam (the learning rate of each chunk is in the curve),
   batch 8 of 128-px patches at the network scale (particles resampled to
   {ck.target_diameter:g} px), zoom jitter x1/2-x2, polarity inversion, focal + Tversky
   0.5 / 0.5 + distance loss; after each chunk the thresholds are calibrated on the
