@@ -5,8 +5,8 @@ Usage::
     python benchmarks/bench_engines.py [--size 2048] [--repeats 3] [--images 8] [--threads N]
         [--no-write]
 
-For each engine (torch eager, ONNX Runtime fp32 and int8, OpenVINO fp32 and int8), in one
-run and with the bundled model:
+For each engine (torch eager fp32 and bfloat16, ONNX Runtime fp32 and int8, OpenVINO fp32
+and int8), in one run and with the bundled model:
 
 * **Throughput** of the tiled network (``Segmenter.predict_maps``) on a generated
   ``--size``-squared TEM image: 512-px tiles, 25 % overlap, 4 tiles per batch (the
@@ -14,7 +14,8 @@ run and with the bundled model:
   slows all alike. Megapixels per second, and achieved GFLOP/s: the network's convolution
   FLOPs per tile (counted on the network, 2 per multiply-add) times the tiles run, over the
   time; as a fraction of this CPU's fp32 convolution ceiling (:func:`conv_ceiling`, the best
-  of a few large 3x3 convolutions in PyTorch, measured in the same run).
+  of a few large 3x3 convolutions in PyTorch, measured in the same run; also its bfloat16
+  ceiling, the same convolutions under autocast).
 * **Equal output**: the max abs difference of the particle-probability and distance maps
   from torch's, on that image and on ``--images`` fixed EMPS validation images (the first
   of the leave-source-out validation, benchmarks/emps.py) at the scale torch's pipeline
@@ -36,6 +37,7 @@ Writes the section ``bench-engines`` of docs/benchmarks.md (``bench-engines-N-th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -60,18 +62,21 @@ from napari_sagegan.engine.infer.tiling import n_tiles  # noqa: E402
 from napari_sagegan.util.progress import run_to_end  # noqa: E402
 
 TILE, OVERLAP, BATCH = 512, 0.25, 4
-#: (label, engine of InferConfig or None for a fixed int8 session, int8 variant)
+#: (label, engine of InferConfig or None for a fixed int8 session, int8 variant, precision)
 ENGINES = (
-    ("torch eager fp32", "torch", None),
-    ("onnxruntime fp32", "onnxruntime", None),
-    ("onnxruntime int8", None, "onnxruntime"),
-    ("openvino fp32", "openvino", None),
-    ("openvino int8", None, "openvino"),
+    ("torch eager fp32", "torch", None, "fp32"),
+    ("torch eager bf16", "torch", None, "bf16"),
+    ("onnxruntime fp32", "onnxruntime", None, "fp32"),
+    ("onnxruntime int8", None, "onnxruntime", "fp32"),
+    ("openvino fp32", "openvino", None, "fp32"),
+    ("openvino int8", None, "openvino", "fp32"),
 )
 
 
 #: What was shipped, and why (docs/benchmarks.md, after each table).
 CONCLUSION = (
+    "torch bf16 (autocast to bfloat16) is what `InferConfig.precision='auto'`, the default, "
+    "runs on a CPU with native bfloat16 (AVX512-BF16 or AMX); elsewhere auto is fp32. "
     "Shipped: the fp32 engines (`InferConfig.engine`, `sagegan segment --engine "
     "onnxruntime|openvino|auto`, extras `onnx` / `openvino`), whose maps equal torch's to float "
     "rounding and give the same F1 and size bias. Not shipped: int8, whose maps differ from "
@@ -82,11 +87,13 @@ CONCLUSION = (
 )
 
 
-def conv_ceiling(repeats: int = 3) -> float:
-    """This CPU's fp32 convolution ceiling in PyTorch, GFLOP/s: the best of large 3x3
-    convolutions (64 and 128 channels, channels_last, batch 4), 2 FLOPs per multiply-add."""
+def conv_ceiling(repeats: int = 3, dtype: torch.dtype | None = None) -> float:
+    """This CPU's convolution ceiling in PyTorch, GFLOP/s: the best of large 3x3
+    convolutions (64 and 128 channels, channels_last, batch 4), 2 FLOPs per multiply-add;
+    in float32, or autocast to ``dtype``."""
     best = 0.0
-    with torch.inference_mode():
+    ctx = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
+    with torch.inference_mode(), ctx:
         for c, side in ((64, 128), (128, 64)):
             conv = torch.nn.Conv2d(c, c, 3, padding=1).eval().to(memory_format=torch.channels_last)
             x = torch.randn(4, c, side, side).contiguous(memory_format=torch.channels_last)
@@ -131,7 +138,7 @@ class FixedEngine(Segmenter):
         self.__dict__.update(base.__dict__)
         self._fixed = fn
 
-    def _predict_fn(self, with_attention: bool, engine: str = "torch"):
+    def _predict_fn(self, with_attention: bool, engine: str = "torch", precision: str = "fp32"):
         return self._fixed(with_attention)
 
 
@@ -196,8 +203,10 @@ def segmenters(base: Segmenter, calib_pairs) -> dict[str, tuple[Segmenter, Infer
     fp32 = engines.onnx_bytes(base.model)
     tiles = calibration_tiles(base, calib_pairs)
     out = {}
-    for label, engine, int8 in ENGINES:
-        cfg = base.default_infer_config(tile_size=TILE, overlap=OVERLAP, batch_size=BATCH)
+    for label, engine, int8, precision in ENGINES:
+        cfg = base.default_infer_config(
+            tile_size=TILE, overlap=OVERLAP, batch_size=BATCH, precision=precision
+        )
         if engine is not None:
             seg = base
             cfg = cfg.replace(engine=engine)
@@ -238,15 +247,17 @@ def main(argv=None) -> None:
     image = _image(args.size)
     times: dict[str, list[float]] = {k: [] for k in segs}
     maps: dict[str, np.ndarray] = {}
-    ceilings = []
+    ceilings, bf16_ceilings = [], []
     load = [os.getloadavg()[0]]
     for _ in range(args.repeats):
         ceilings.append(conv_ceiling())  # in the same conditions as the engines
+        bf16_ceilings.append(conv_ceiling(dtype=torch.bfloat16))
         for label, (seg, cfg) in segs.items():
             t = time.perf_counter()
             maps[label] = run_to_end(seg.predict_maps(image, cfg))
             times[label].append(time.perf_counter() - t)
     ceiling = statistics.median(ceilings)
+    bf16_ceiling = statistics.median(bf16_ceilings)
     tiles = n_tiles(image.shape, TILE, OVERLAP, base.model.config.divisor)
     flops = conv_flops(base.model, TILE) * tiles
     mp = image.size / 1e6
@@ -312,7 +323,9 @@ def main(argv=None) -> None:
     ]
     table = markdown_table(header, rows)
     print(table)
-    print(f"conv ceiling {ceiling:.0f} GFLOP/s; {flops / tiles / TILE**2 / 1e6:.4f} MFLOP/pixel")
+    print(
+        f"conv ceiling {ceiling:.0f} GFLOP/s (bf16 {bf16_ceiling:.0f}); {flops / tiles / TILE**2 / 1e6:.4f} MFLOP/pixel"
+    )
     if args.no_write:
         return
     cmd = (
@@ -335,7 +348,9 @@ def main(argv=None) -> None:
         f"network's convolutions ({flops / tiles / TILE**2 / 1e6:.4f} MFLOP per network "
         f"pixel, {flops / 1e9:.0f} GFLOP for the image); the conv ceiling is the best of large "
         f"3x3 convolutions in PyTorch, measured before each repeat: {ceiling:.0f} GFLOP/s "
-        "(median). Max abs diff: "
+        f"(median; {bf16_ceiling:.0f} GFLOP/s autocast to bfloat16, against which torch "
+        f"bf16 reaches {flops / statistics.median(times['torch eager bf16']) / 1e9 / bf16_ceiling:.0%}). "
+        "Max abs diff: "
         "of the probability and distance maps against torch's, on the generated image and on "
         f"{len(val)} EMPS leave-source-out validation images at the scale torch chose; F1@0.5 "
         "(pooled) and size bias of the whole pipeline (scale search included) on those "

@@ -12,10 +12,10 @@ scale on, on three fixed sets: generated TEM frames of 6-px gold dots, generated
 of 60-px particles, and EMPS leave-source-out validation images (benchmarks/emps.py), for
 
 * **0.1 pipeline**: the settings before issue 18 (512-px tiles, 25 % overlap, 4 tiles per
-  batch, particles always resampled to the network's 32 px: ``scale_band=(1, 1)``);
+  batch, particles always resampled to the network's 32 px: ``scale_band=(1, 1)``, float32);
 * **this version**: the defaults (1024-px tiles balanced to the image, an overlap of the
-  network's context of 128 px, particles resampled only outside the accurate band, to its
-  low end);
+  network's context of 128 px, ``precision="auto"``: bfloat16 on a CPU that has it), and
+  the same with ``--precision fp32`` and with ``--engine onnxruntime``;
 * **MONAI peer**: the same network and post-processing, with MONAI's
   ``sliding_window_inference`` (512-px tiles, 25 % overlap, Gaussian blending) over the
   image resampled to the 0.1 pipeline's scale, as a MONAI user would build it;
@@ -55,7 +55,13 @@ from napari_sagegan.engine.infer.segment import Segmenter  # noqa: E402
 from napari_sagegan.util.progress import run_to_end  # noqa: E402
 
 #: The settings of the 0.1 pipeline (before issue 18).
-OLD = {"tile_size": 512, "overlap": 0.25, "batch_size": 4, "scale_band": (1.0, 1.0)}
+OLD = {
+    "tile_size": 512,
+    "overlap": 0.25,
+    "batch_size": 4,
+    "scale_band": (1.0, 1.0),
+    "precision": "fp32",
+}
 CURVE_SIZES = (10, 12, 16, 20, 24, 32, 40, 48, 64)
 
 
@@ -222,7 +228,11 @@ def bench_main(quick: bool, band: bool = False):
                 paths.append(p)
             truth = [lab for _, _, lab in items]
             results = {}
-            pipelines = [("0.1 pipeline", OLD), ("this version", {})]
+            pipelines = [
+                ("0.1 pipeline", OLD),
+                ("this version", {}),
+                ("this version, --precision fp32", {"precision": "fp32"}),
+            ]
             if band:  # the accurate band of --curve, with the particle size estimated
                 pipelines.append(
                     ("this version, scale_band (0.75, 1)", {"scale_band": (0.75, 1.0)})

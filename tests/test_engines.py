@@ -52,8 +52,10 @@ def image():
     return img
 
 
-def _segment(seg: Segmenter, image, engine: str):
-    cfg = InferConfig(tile_size=64, overlap=0.25, batch_size=2, engine=engine)
+def _segment(seg: Segmenter, image, engine: str, precision: str = "fp32"):
+    """Float32 unless asked: the engines compute in float32, and ``auto`` prefers torch
+    where it computes in bfloat16 (see test_auto_prefers_torch_where_it_runs_bf16)."""
+    cfg = InferConfig(tile_size=64, overlap=0.25, batch_size=2, engine=engine, precision=precision)
     return run_to_end(seg.segment(image, cfg, keep_maps=True, with_attention=True))
 
 
@@ -81,6 +83,22 @@ def test_auto_builds_one_session_and_reuses_it(net, image):
     assert first is not None
     _segment(seg, image, "auto")
     assert seg._engines[engines.AUTO_ORDER[0]] is first
+
+
+def test_auto_prefers_torch_where_it_runs_bf16(net, image, monkeypatch):
+    """bfloat16 torch is faster than the float32 engines (docs/benchmarks.md, bench-engines):
+    where the CPU has it, ``auto`` builds no engine session."""
+    from napari_sagegan.engine import device as devmod
+
+    monkeypatch.setattr(devmod, "cpu_has_native_bf16", lambda *a: True)
+    seg = Segmenter(net, device="cpu")
+    bf16 = _segment(seg, image, "auto", precision="auto")
+    assert not any(seg.__dict__.get("_engines", {}).values())
+    ref = _segment(seg, image, "torch", precision="bf16")
+    np.testing.assert_array_equal(bf16.prob, ref.prob)  # the same computation: torch's
+    monkeypatch.setattr(devmod, "cpu_has_native_bf16", lambda *a: False)
+    _segment(seg, image, "auto", precision="auto")  # no native bf16: the engine, fp32
+    assert seg._engines[engines.AUTO_ORDER[0]] is not None
 
 
 def test_missing_engine_falls_back_to_torch_with_one_warning(net, image, monkeypatch):

@@ -60,6 +60,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="what runs the network on the CPU (onnxruntime / openvino: the optional extras "
         "onnx / openvino; a missing one falls back to torch with a warning; default: torch)",
     )
+    s.add_argument(
+        "--precision",
+        default=None,
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="what the network computes in (torch engine; default auto: float16 on a CUDA "
+        "GPU, bfloat16 on a CPU with native bfloat16 such as AVX512-BF16, else float32)",
+    )
     s.add_argument("--tile-size", type=int, default=None)
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--threshold", type=float, default=None, help="particle probability")
@@ -262,6 +269,7 @@ def run(args: argparse.Namespace) -> int:
         "split": False if args.no_split else None,
         "auto_scale": False if args.no_auto_scale else None,
         "engine": args.engine,
+        "precision": args.precision,
     }
     if args.scheduler is not None or args.workers is not None:
         return run_distributed(args, infer)
@@ -410,6 +418,7 @@ def run_blocks(args: argparse.Namespace) -> int:
             "split": False if args.no_split else None,
             "auto_scale": False if args.no_auto_scale else None,
             "engine": args.engine,
+            "precision": args.precision,
         },
         scheduler=args.scheduler,
         workers=args.workers,

@@ -324,10 +324,19 @@ class InferConfig(_Config):
     engine : str
         What runs the network: ``torch`` (PyTorch eager), ``onnxruntime`` or ``openvino``
         (the network exported to ONNX in memory, CPU only, optional extras ``onnx`` /
-        ``openvino``), or ``auto`` (the first of those installed, else torch). A missing or
+        ``openvino``), or ``auto`` (torch where ``precision`` makes it compute in bfloat16 or
+        float16, faster than those engines in float32; else the first of those installed,
+        else torch). A missing or
         failing engine falls back to torch with a warning
         (:mod:`~napari_sagegan.engine.infer.engines`).
 
+    precision : str
+        What the network's convolutions compute in (PyTorch engine): ``auto`` (float16 on a
+        CUDA GPU; bfloat16 on a CPU that computes it natively, AVX512-BF16 or AMX; float32
+        elsewhere), ``fp32``, ``bf16`` or ``fp16`` (CUDA only); see
+        :func:`~napari_sagegan.engine.device.autocast_dtype`. The maps come out in float32
+        either way; bfloat16's differ from float32's by a few thousandths of probability
+        (docs/benchmarks.md, ``bench-precision``).
     scale_band : (float, float)
         The particle sizes the network is as accurate at as at its training scale, as
         fractions of it (the model's ``target_diameter``): an image whose particles already
@@ -358,6 +367,7 @@ class InferConfig(_Config):
     exclude_annotations: bool = True
     engine: str = "torch"
     scale_band: tuple[float, float] = (1.0, 1.0)
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.tile_size < 16:
@@ -383,6 +393,8 @@ class InferConfig(_Config):
             raise ValueError(
                 f"engine must be auto, torch, onnxruntime or openvino, got {self.engine!r}"
             )
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.diameter is not None and not (self.diameter >= 1.0):
             raise ValueError(
                 f"diameter is the typical particle diameter in pixels and must be at least 1 "

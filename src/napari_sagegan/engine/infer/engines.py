@@ -159,8 +159,12 @@ def openvino_runner(model: bytes) -> Callable[[np.ndarray], list[np.ndarray]]:
     import openvino as ov
 
     core = ov.Core()
+    # float32 throughout: on a CPU with native bfloat16 OpenVINO would otherwise compute in
+    # it by default, and this engine's maps are to be torch's float32 ones
     compiled = core.compile_model(
-        core.read_model(model), "CPU", {"INFERENCE_NUM_THREADS": _threads()}
+        core.read_model(model),
+        "CPU",
+        {"INFERENCE_NUM_THREADS": _threads(), "INFERENCE_PRECISION_HINT": "f32"},
     )
     request = compiled.create_infer_request()
     outputs = [compiled.output(name) for name in OUTPUT_NAMES]

@@ -226,7 +226,9 @@ def _inscribed_diameter(img: np.ndarray, valid: np.ndarray | None = None) -> flo
         if keep.size == 0:
             continue
         edt = ndi.distance_transform_edt(mask)
-        radii = np.asarray(ndi.maximum(edt, lab, index=keep + 1), dtype=np.float64)
+        peak = np.zeros(n + 1)  # each component's largest distance (ndi.maximum's values,
+        np.maximum.at(peak, lab.ravel(), edt.ravel())  # without its sort of every pixel)
+        radii = peak[keep + 1]
         weights = areas[keep].astype(np.float64)
         order = np.argsort(radii)
         cum = np.cumsum(weights[order]) / weights.sum()
@@ -267,17 +269,21 @@ def estimate_diameter(image: Any) -> float | None:
     window, valid = _read_window(image, 4 * _EST_SIDE)
     if valid is not None and not valid.any():
         return None  # nothing measured here
-    small, f, small_valid = _shrink(window, _EST_SIDE, valid)
-    d = _inscribed_diameter(small, small_valid)
-    if f < 1.0:
-        # particles a few pixels wide vanish when shrunk: measure a full-resolution crop too,
-        # and trust it for all but particles too big for it
+    d_full = None
+    if max(window.shape) > _EST_SIDE:
+        # particles a few pixels wide vanish when the window is shrunk: measure a
+        # full-resolution crop first, and trust it for all but particles too big for it
+        # (then the shrunk window, which sees more of them, is not needed)
         crop, _ = _read_window(window, _EST_SIDE)
         crop_valid = None if valid is None else _read_window(valid, _EST_SIDE)[0] > 0.5
         d_full = _inscribed_diameter(crop, crop_valid)
-        if d_full is not None and (d is None or d_full <= _EST_SIDE / 4):
+        if d_full is not None and d_full <= _EST_SIDE / 4:
             return d_full
-    return None if d is None else d / f
+    small, f, small_valid = _shrink(window, _EST_SIDE, valid)
+    d = _inscribed_diameter(small, small_valid)
+    if d is None:
+        return d_full
+    return d / f
 
 
 def rescale_image(image: np.ndarray, factor: float) -> np.ndarray:

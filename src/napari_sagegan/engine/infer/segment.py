@@ -28,7 +28,7 @@ from ...util.progress import Progress, relay, run_to_end
 from ..checkpoint import load_segmenter
 from ..config import InferConfig
 from ..data.intensity import NoFiniteValue, has_finite, nonfinite_mask
-from ..device import describe_device, resolve_device
+from ..device import autocast_dtype, describe_device, resolve_device
 from ..nets.attention_unet import (
     AttentionUNet,
     fuse_batchnorm,
@@ -51,7 +51,7 @@ from .tiling import n_tiles, predict_tiled
 _HALF_MAPS_PIXELS = 16_000_000
 #: InferConfig fields that describe the machine, not the model: a checkpoint's stored
 #: values (the defaults of the version that wrote it) are not used.
-_RUNTIME_FIELDS = frozenset({"tile_size", "overlap", "batch_size", "device", "engine"})
+_RUNTIME_FIELDS = frozenset({"tile_size", "overlap", "batch_size", "device", "engine", "precision"})
 
 
 @dataclass
@@ -204,8 +204,11 @@ class Segmenter:
         stored.update({k: v for k, v in overrides.items() if v is not None})
         return InferConfig.from_dict(stored)
 
-    def _predict_fn(self, with_attention: bool, engine: str = "torch"):
+    def _predict_fn(self, with_attention: bool, engine: str = "torch", precision: str = "fp32"):
         model, device = self.model, self.device
+        dtype = autocast_dtype(precision, device)
+        if engine == "auto" and dtype is not None:
+            engine = "torch"  # torch in bfloat16 / float16 beats the float32 engines
         if engine != "torch":  # ONNX Runtime / OpenVINO, built once; None: torch
             from .engines import engine_predict_fn
 
@@ -217,8 +220,8 @@ class Segmenter:
         def fn(x: torch.Tensor) -> torch.Tensor:
             x = x.to(device, non_blocking=True)
             ctx = (
-                torch.autocast("cuda", dtype=torch.float16)
-                if device.type == "cuda"
+                torch.autocast(device.type, dtype=dtype)
+                if dtype is not None
                 else contextlib.nullcontext()
             )
             with ctx:
@@ -367,7 +370,7 @@ class Segmenter:
         if len(shape) != 2:
             raise ValueError(f"predict_maps expects a 2-D image, got shape {shape}")
         out_dtype = np.float16 if shape[0] * shape[1] > _HALF_MAPS_PIXELS else np.float32
-        fn = self._predict_fn(with_attention, config.engine)
+        fn = self._predict_fn(with_attention, config.engine, config.precision)
         divisor = self.model.config.divisor
         tile = config.tile_size
         if abs(factor - 1.0) > 1e-6:
