@@ -163,6 +163,7 @@ class StageTimer:
     def __exit__(self, *exc):
         for owner, attr, fn in reversed(self.undo):
             setattr(owner, attr, fn)
+        self.undo = []  # entered again for the next image: the times add up
 
 
 # --------------------------------------------------------------------------- pipelines
@@ -227,7 +228,6 @@ def bench_main(quick: bool, band: bool = False):
                 tifffile.imwrite(p, img)
                 paths.append(p)
             truth = [lab for _, _, lab in items]
-            results = {}
             pipelines = [
                 ("0.1 pipeline", OLD),
                 ("this version", {}),
@@ -239,20 +239,32 @@ def bench_main(quick: bool, band: bool = False):
                 )
             if importlib.util.find_spec("onnxruntime") is not None:
                 pipelines.append(("this version, --engine onnxruntime", {"engine": "onnxruntime"}))
-            for label, infer in pipelines:
-                out = Path(tmp) / f"out-{len(results)}"
-                t = time.perf_counter()
-                if label == "this version":
-                    with StageTimer() as timer:
-                        res = run_api(seg, paths, infer, out)
-                else:
-                    res = run_api(seg, paths, infer, out)
-                results[label] = (time.perf_counter() - t, [r.labels for r in res])
-            t = time.perf_counter()
-            import tifffile as tf
-
-            monai_labels = run_monai(seg, [tf.imread(p) for p in paths])
-            results["MONAI peer"] = (time.perf_counter() - t, monai_labels)
+            # image by image, every pipeline in turn (the first one rotating), so that a
+            # busy spell of the shared machine slows all of them alike
+            names = [label for label, _ in pipelines] + ["MONAI peer"]
+            seconds = dict.fromkeys(names, 0.0)
+            labels: dict[str, list] = {k: [] for k in names}
+            timer = StageTimer()
+            for _label, infer in pipelines:  # untimed: lazy imports, first shapes
+                run_api(seg, paths[:1], infer, Path(tmp) / "warm-up")
+            run_monai(seg, [tifffile.imread(paths[0])])
+            for n, path in enumerate(paths):
+                order = list(range(len(names)))
+                order = order[n % len(order) :] + order[: n % len(order)]
+                for k in order:
+                    label = names[k]
+                    t = time.perf_counter()
+                    if label == "MONAI peer":
+                        labels[label] += run_monai(seg, [tifffile.imread(path)])
+                    elif label == "this version":
+                        with timer:
+                            res = run_api(seg, [path], pipelines[k][1], Path(tmp) / f"out-{k}")
+                        labels[label] += [r.labels for r in res]
+                    else:
+                        res = run_api(seg, [path], pipelines[k][1], Path(tmp) / f"out-{k}")
+                        labels[label] += [r.labels for r in res]
+                    seconds[label] += time.perf_counter() - t
+            results = {k: (seconds[k], labels[k]) for k in names}
         base = results["0.1 pipeline"][0]
         for label, (sec, labs) in results.items():
             f1, bias = scores(list(zip(labs, truth)))
@@ -395,7 +407,8 @@ def main() -> None:
         f"Command: `{cmd}` ({machine()}; {(time.perf_counter() - t0) / 60:.1f} min). Whole "
         "`sagegan segment` work (api.segment with an output folder: read, particle size, "
         "network, post-processing, write), auto scale on; ratios are to the 0.1 pipeline in "
-        "the same run (the machine is shared and noisy: compare ratios, not absolute times).\n\n"
+        "the same run, every pipeline run on each image in turn after an untimed warm-up (the "
+        "machine is shared and noisy: compare ratios, not absolute times).\n\n"
         + markdown_table(
             ["set", "pipeline", "images/s", "MP/s", "x 0.1 pipeline", "F1@0.5", "size bias"], rows
         )  # fmt: skip

@@ -73,3 +73,20 @@ def test_stored_precision_is_not_taken_from_the_checkpoint():
     cfg = seg.default_infer_config()
     assert cfg.precision == "auto" and cfg.threshold == 0.4
     assert seg.default_infer_config(precision="fp32").precision == "fp32"
+
+
+def test_the_default_tile_grows_in_16_bits_to_the_same_memory(monkeypatch):
+    from napari_sagegan.engine.infer import segment as segmod
+
+    seg = Segmenter(AttentionUNet(ArchConfig(base_channels=4, depth=2)), device="cpu")
+    monkeypatch.setattr(devmod, "cpu_has_native_bf16", lambda *a: True)
+    default = InferConfig()
+    assert seg.network_tile(default) == segmod.HALF_PRECISION_TILE == 1280
+    assert seg.network_tile(default.replace(precision="fp32")) == 1024
+    assert seg.network_tile(default.replace(engine="onnxruntime")) == 1024  # float32 there
+    assert seg.network_tile(default.replace(tile_size=512)) == 512  # the user's own tile
+    # an image of 2048 network pixels: 2 x 2 tiles in bfloat16, 3 x 3 in float32
+    assert seg._tiles((2048, 2048), default, 1.0) == 4
+    assert seg._tiles((2048, 2048), default.replace(precision="fp32"), 1.0) == 9
+    monkeypatch.setattr(devmod, "cpu_has_native_bf16", lambda *a: False)
+    assert seg.network_tile(default) == 1024  # auto is float32 on this CPU

@@ -361,3 +361,44 @@ def test_a_checkpoints_stored_tiling_is_ignored_but_its_thresholds_are_kept(tiny
         defaults.batch_size,
     )  # the machine's tiling, not the one of the version that wrote the checkpoint
     assert seg.default_infer_config(tile_size=256).tile_size == 256  # the user's wins
+
+
+def test_shrunk_ladder_crops_are_measured_on_the_network_grid_as_on_their_own(
+    scaled_model, monkeypatch
+):
+    """A rung that shrinks its crop (particles larger than the network scale) segments it
+    on the network's grid instead of resampling the maps back: the same network input, so
+    the same particles, measured in crop pixels within the quantisation of the grid."""
+    import napari_sagegan.engine.infer.segment as segment_module
+    from napari_sagegan.engine.infer import autoscale
+
+    img, lab = layout(3.0, seed=5)  # discs of 36 px: rungs above 12 px shrink the crop
+    true = median_diameter(lab)
+    calls: list[tuple] = []
+    real_search = autoscale.search_scale
+
+    def spy(segment_crop, *a, **k):
+        def both(crop, factor, box):
+            out = segment_crop(crop, factor, box)
+            calls.append((factor, out, crop.shape))
+            return out
+
+        return real_search(both, *a, **k)
+
+    monkeypatch.setattr(segment_module, "search_scale", spy)
+    new = run_once(scaled_model.estimate_scale(img))
+    shrunk = [(f, out, shape) for f, out, shape in calls if f < 1]
+    assert shrunk and all(isinstance(out, tuple) for _f, out, _s in shrunk)
+    assert all(not isinstance(out, tuple) for f, out, _s in calls if f >= 1)  # as before
+    divisor = scaled_model.model.config.divisor
+    for f, (labels, grid), (h, w) in shrunk:
+        # the network's grid: the crop shrunk by f, rounded up to the network's divisor
+        assert labels.shape == tuple(-(-round(n * f) // divisor) * divisor for n in (h, w))
+        assert grid == pytest.approx((labels.shape[0] / h * labels.shape[1] / w) ** 0.5)
+    # the same search with the maps resampled back to every crop (the way before)
+    monkeypatch.setattr(segment_module, "NETWORK_GRID_LADDER", False)
+    calls.clear()
+    old = run_once(scaled_model.estimate_scale(img))
+    assert all(not isinstance(out, tuple) for _f, out, _s in calls)
+    assert new.diameter == pytest.approx(old.diameter, rel=0.03)
+    assert new.diameter == pytest.approx(true, rel=0.2)

@@ -23,10 +23,19 @@ PathLike = str | os.PathLike
 
 
 def _training_pairs(
-    pairs: Sequence[Any], folder: Any, advice: str, channel: int | None = None
+    pairs: Sequence[Any],
+    folder: Any,
+    advice: str,
+    channel: int | None = None,
+    diameters: list | None = None,
+    diameter: float | None = None,
 ) -> tuple[list, list]:
     """Pairs given (``Pair`` / objects with ``name, image, labels`` / 3-tuples) plus a
-    folder's, checked, as 2-D (images, labels) lists: a stack gives one pair per slice."""
+    folder's, checked, as 2-D (images, labels) lists: a stack gives one pair per slice.
+
+    ``diameters``, when a list, receives each 2-D pair's particle diameter: the pair's own
+    ``diameter`` attribute when it has one (the size its image was segmented with), else
+    ``diameter`` (``None``: not known)."""
     from napari_sagegan.io.images import read_pairs
 
     items = [p if hasattr(p, "labels") else _AsPair(*p) for p in pairs]
@@ -57,6 +66,9 @@ def _training_pairs(
         lab = lab.astype(np.int32, copy=False)
         images.extend([im] if im.ndim == 2 else list(im))
         labels.extend([lab] if lab.ndim == 2 else list(lab))
+        if diameters is not None:
+            own = getattr(p, "diameter", None)
+            diameters.extend([own or diameter] * (1 if im.ndim == 2 else len(im)))
     return images, labels
 
 
@@ -133,6 +145,7 @@ def fine_tune(
     overwrite: bool = False,
     advice: str = "give a folder of images and a folder of masks named like them",
     channel: int | None = None,
+    diameter: float | None = None,
 ) -> Generator[Progress, None, Trained]:
     """Train a segmenter (phase 1), or fine-tune one, on (image, labels) pairs.
 
@@ -165,6 +178,11 @@ def fine_tune(
     channel : int, optional
         The channel of multi-channel images in ``folder`` (refused without it); see
         :func:`~napari_sagegan.io.images.read_image`.
+    diameter : float, optional
+        The typical particle diameter (pixels) of the pairs, when the user knows it: each
+        pair is resampled to the network scale by it instead of by its labels' median
+        diameter (which binary masks of touching particles overestimate). A pair with its
+        own ``diameter`` attribute (the size the dock segmented its image with) keeps that.
 
     Yields
     ------
@@ -186,7 +204,8 @@ def fine_tune(
     if out is not None:
         out = new_file(out, example="model.pt")
     yield Progress("prepare", 0, None, message="loading the model and the pairs")
-    images, labels = _training_pairs(pairs, folder, advice, channel)
+    given: list = []
+    images, labels = _training_pairs(pairs, folder, advice, channel, given, diameter)
     config = config or TrainConfig()
     if init is not None and resume is None:
         config = few_shot_recipe(config, len(images))
@@ -197,6 +216,7 @@ def fine_tune(
     trainer = SegmenterTrainer(
         images, labels, config, arch=preset(arch) if isinstance(arch, str) else arch,
         init=init, resume=resume, out=out, device=device, overwrite=overwrite,
+        diameters=given if any(given) else None,
     )  # fmt: skip
     base_metrics = trainer.score_base()
     yield Progress(

@@ -80,6 +80,15 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "median diameter is PX pixels (default 32; 0: train at the images' own scale). "
         "Ignored when fine-tuning or resuming: a model keeps its own",
     )
+    t.add_argument(
+        "--diameter",
+        type=float,
+        default=None,
+        metavar="PX",
+        help="typical particle diameter of the training images in pixels, if you know it: "
+        "they are resampled to the network scale by it (default: each mask's median "
+        "equivalent diameter, which binary masks of touching particles overestimate)",
+    )
     config_flags(
         t, TrainConfig(), FLAGS, loss={"choices": ["focal_tversky", "ce_dice"]},
         holdout={"choices": ["auto", "parts", "images"]},
@@ -101,6 +110,11 @@ def run(args: argparse.Namespace) -> int:
     from napari_sagegan.cli._common import spare_inputs
 
     spare_inputs([args.images, args.masks], args.out)  # never a model over a training image
+    if args.diameter is not None and not (args.diameter >= 1.0):
+        raise ValueError(
+            f"--diameter is the typical particle diameter in pixels and must be at least 1, "
+            f"got {args.diameter}"
+        )
     from pathlib import Path
 
     from napari_sagegan import api
@@ -151,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     gen = api.fine_tune(
         folder=(args.images, args.masks), init=args.init, config=config, arch=args.preset,
         resume=args.resume, out=out, device=args.device, channel=args.channel,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, diameter=args.diameter,
     )  # fmt: skip
     try:
         trained = run_to_end(gen) if follower else drive(gen, "train", on_event)

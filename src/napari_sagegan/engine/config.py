@@ -281,6 +281,9 @@ class InferConfig(_Config):
         Side of the square tiles, pixels (rounded up to the network's divisor). Tiling is a
         property of the machine, not of the model: a checkpoint's stored tiling is ignored
         (:meth:`~napari_sagegan.engine.infer.segment.Segmenter.default_infer_config`).
+        The default, 1024, is the largest side in float32; where the network computes in
+        16 bits (``precision``) the default tiles are 1280 px, which take the same memory
+        (:meth:`~napari_sagegan.engine.infer.segment.Segmenter.network_tile`).
     overlap : float or None
         Fraction of a tile shared with its neighbour, in [0, 0.9); ``None`` (default): the
         network's context, :data:`CONTEXT_PX` pixels whatever the tile (see

@@ -225,11 +225,14 @@ def _kind(layer: Any) -> str:
 
 @dataclass
 class TrainingPair:
-    """An image and its (corrected) labels, 2-D or 3-D, from the viewer or a folder."""
+    """An image and its (corrected) labels, 2-D or 3-D, from the viewer or a folder;
+    ``diameter``: the particle size (px) the user set for its image (``None``: not set, the
+    labels' median diameter is used; :func:`napari_sagegan.api.fine_tune`)."""
 
     name: str
     image: Any
     labels: Any
+    diameter: float | None = None
 
 
 @dataclass
@@ -311,10 +314,17 @@ def check_pair(pair: TrainingPair) -> None:
         )
 
 
-def pairs_from_layers(layers: Iterable[Any], labels_names: Sequence[str]) -> list[TrainingPair]:
+def pairs_from_layers(
+    layers: Iterable[Any],
+    labels_names: Sequence[str],
+    size: Any = None,
+) -> list[TrainingPair]:
     """The checked training pairs of the named Labels layers (main thread).
 
-    Names no longer in ``layers``, or whose image is not open, are skipped.
+    Names no longer in ``layers``, or whose image is not open, are skipped. ``size`` (the
+    viewer's :class:`~napari_sagegan.napari.state.ParticleSize`, optional) gives each pair
+    the particle diameter set in the Segment dock, in pixels of its image
+    (:meth:`~napari_sagegan.napari.state.ParticleSize.pixels`).
 
     Raises
     ------
@@ -331,7 +341,8 @@ def pairs_from_layers(layers: Iterable[Any], labels_names: Sequence[str]) -> lis
         image = named.get(source_image_name(labels) or "")
         if image is None or _kind(image) != "image":
             continue
-        pair = TrainingPair(f"{name!r} on {image.name!r}", image.data, labels.data)
+        diameter = None if size is None else size.pixels(layer_pixel_size(image))
+        pair = TrainingPair(f"{name!r} on {image.name!r}", image.data, labels.data, diameter)
         check_image_data(image.name, image.data, rgb=bool(getattr(image, "rgb", False)))
         check_pair(pair)
         pairs.append(pair)

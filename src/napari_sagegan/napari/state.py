@@ -370,6 +370,15 @@ class ParticleSize(Observable):
             self.value, self.unit = value, unit
             self._changed()
 
+    def pixels(self, pixel_size_nm: float | None) -> float | None:
+        """The size in pixels of an image of ``pixel_size_nm`` nm per pixel: ``None`` when
+        it is estimated, or in nm and the image's pixel size is unknown."""
+        if self.auto:
+            return None
+        if self.unit == "nm":
+            return max(self.value / pixel_size_nm, 1.0) if pixel_size_nm else None
+        return max(self.value, 1.0)
+
     def arguments(self, images: Sequence[Any]) -> dict[str, float | None]:
         """``{"diameter": px, "diameter_nm": nm}`` for :func:`napari_sagegan.api.segment`
         (both ``None``: estimated), checked against ``images``

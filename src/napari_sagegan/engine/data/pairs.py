@@ -279,6 +279,14 @@ class TrainingPairs:
     #: Extra training pairs mixed in (rehearsal: generated pairs), never validated on.
     extra_images: tuple[np.ndarray, ...] = ()
     extra_labels: tuple[np.ndarray, ...] = ()
+    #: The particle diameter (pixels) the user gave for each training / validation image
+    #: (``None`` or an empty tuple: not given, the labels' median diameter is used); only
+    #: at the pairs' own scale (:meth:`at_scale` resamples by them, and its pairs have none).
+    train_diameters: tuple[float | None, ...] = ()
+    val_diameters: tuple[float | None, ...] = ()
+    #: After :meth:`at_scale`: how many of the pairs were resampled by a diameter the user
+    #: gave (the others by their labels' median diameter).
+    n_sized: int = 0
 
     def at_scale(self, target_diameter: float | None) -> TrainingPairs:
         """The pairs resampled so that each one's particles have a median diameter of
@@ -291,8 +299,10 @@ class TrainingPairs:
             val = (list(self.val_images), list(self.val_labels))
             extra = (list(self.extra_images), list(self.extra_labels))
         else:
-            train = _to_scale(self.train_images, self.train_labels, target_diameter)
-            val = _to_scale(self.val_images, self.val_labels, target_diameter)
+            train = _to_scale(
+                self.train_images, self.train_labels, target_diameter, self.train_diameters
+            )
+            val = _to_scale(self.val_images, self.val_labels, target_diameter, self.val_diameters)
             extra = _to_scale(self.extra_images, self.extra_labels, target_diameter)
         t_regions: list[dict] = []
         v_regions: list[dict] = []
@@ -317,6 +327,9 @@ class TrainingPairs:
             val_regions=tuple(v_regions),
             extra_images=tuple(extra[0]),
             extra_labels=tuple(extra[1]),
+            n_sized=sum(d is not None for d in (*self.train_diameters, *self.val_diameters))
+            if target_diameter
+            else 0,
         )
 
     @property
@@ -358,6 +371,11 @@ class TrainingPairs:
             text = f"training on {n} image{'s' if n != 1 else ''}, validating on {v}"
         if self.extra_images:
             text += f", with {len(self.extra_images)} generated pairs mixed in (rehearsal)"
+        if self.n_sized:
+            text += (
+                f"; {self.n_sized} image{'s' if self.n_sized != 1 else ''} brought to the "
+                "network scale by the particle size you set, not by its labels"
+            )
         return text
 
 
@@ -427,8 +445,14 @@ def hold_out_band(
 
 
 def _to_scale(
-    images: Sequence[Any], labels: Sequence[Any], target: float
+    images: Sequence[Any],
+    labels: Sequence[Any],
+    target: float,
+    diameters: Sequence[float | None] = (),
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Resample each pair so that its particles are ``target`` px across: by the diameter
+    the user gave for it (``diameters``), else its labels' median diameter, else (no
+    particle) the classical estimate on the image."""
     from ..infer.scale import (
         estimate_diameter,
         median_diameter,
@@ -437,9 +461,10 @@ def _to_scale(
     )
 
     out_i, out_l = [], []
-    for image, lab in zip(images, labels):
+    for i, (image, lab) in enumerate(zip(images, labels)):
         image, lab = np.asarray(image), np.asarray(lab)
-        diameter = median_diameter(lab, min_area=4)
+        given = diameters[i] if i < len(diameters) else None
+        diameter = float(given) if given else median_diameter(lab, min_area=4)
         if diameter is None:
             diameter = estimate_diameter(image)
         factor = scale_factor(diameter, target)
@@ -461,6 +486,7 @@ def prepare_pairs(
     holdout: str = "images",
     margin: int = 0,
     extra: Sequence[tuple[Any, Any]] = (),
+    diameters: Sequence[float | None] | None = None,
 ) -> TrainingPairs:
     """Check the pairs and split off the validation set.
 
@@ -484,6 +510,11 @@ def prepare_pairs(
         The gap between a training part and its band (pixels at the network scale).
     extra : sequence of (image, labels)
         Rehearsal pairs: trained on, never validated on.
+    diameters : sequence of float or None, optional
+        The typical particle diameter (pixels) of each image, where the user gave one (the
+        Segment dock's size, ``sagegan train --diameter``): the pair is resampled to the
+        network scale by it rather than by its labels' median diameter (which binary masks
+        of touching particles overestimate). ``None`` entries: the labels decide.
 
     Returns
     -------
@@ -497,16 +528,18 @@ def prepare_pairs(
         any particle.
     """
     check_pairs(images, labels)
+    given = _check_diameters(diameters, len(images))
     parts = 0.0
     if val_images is not None:
         check_pairs(val_images, val_labels or [], what="validation")
         train_idx: Sequence[int] = range(len(images))
+        val_idx: Sequence[int] = ()
         v_images, v_labels = list(val_images), list(val_labels or [])
     elif val_fraction > 0 and (
         holdout == "parts" or (holdout == "auto" and len(images) < FEW_PAIRS)
     ):
         parts = float(val_fraction)
-        train_idx, v_images, v_labels = range(len(images)), [], []
+        train_idx, val_idx, v_images, v_labels = range(len(images)), (), [], []
     else:
         train_idx, val_idx = split_indices(len(images), val_fraction, seed)
         v_images = [images[i] for i in val_idx]
@@ -524,4 +557,25 @@ def prepare_pairs(
     return TrainingPairs(
         t_images, t_labels, v_images, v_labels, parts=parts, margin=int(margin),
         extra_images=e_images, extra_labels=e_labels,
+        train_diameters=tuple(given[i] for i in train_idx),
+        val_diameters=tuple(given[i] for i in val_idx),
     )  # fmt: skip
+
+
+def _check_diameters(diameters: Sequence[float | None] | None, n: int) -> list[float | None]:
+    """One diameter (or ``None``) per image, each a finite number of pixels of at least 1."""
+    if diameters is None:
+        return [None] * n
+    out = list(diameters)
+    if len(out) != n:
+        raise ValueError(
+            f"{len(out)} particle diameters for {n} training images; give one per image "
+            "(None where it is not known)"
+        )
+    for i, d in enumerate(out):
+        if d is not None and not (np.isfinite(d) and d >= 1.0):
+            raise ValueError(
+                f"the particle diameter of training image {i} is {d!r}; give the typical "
+                "particle diameter in pixels (at least 1), or None to use its labels"
+            )
+    return [None if d is None else float(d) for d in out]

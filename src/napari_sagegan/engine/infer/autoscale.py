@@ -147,8 +147,10 @@ def search_scale(
     Parameters
     ----------
     segment_crop : callable
-        ``segment_crop(crop, factor, box)``: the instance labels of ``crop`` (image grid; ``box`` = (y0, x0, y1, x1) in the image) segmented
-        with the image resampled by ``factor``.
+        ``segment_crop(crop, factor, box)``: the instance labels of ``crop`` (``box`` =
+        (y0, x0, y1, x1) in the image) segmented with the image resampled by ``factor``, on
+        the crop's grid; or ``(labels, grid)`` with the labels on another grid, ``grid``
+        label pixels per crop pixel (the network's grid of a shrunk crop).
     image : array-like, shape (Y, X)
         The raw image (only central crops are read).
     target : float
@@ -172,10 +174,11 @@ def search_scale(
         if min(c.shape) * factor < 32:  # too small to say anything at this rung
             rungs.append(Rung(d, None, 0))
         else:
-            lab = segment_crop(c, factor, box)
-            min_area = max(1, int(round(min_size / factor**2)))
+            out = segment_crop(c, factor, box)
+            lab, grid = out if isinstance(out, tuple) else (out, 1.0)
+            min_area = max(1, int(round(min_size / factor**2 * grid**2)))
             m, n = _interior_diameter(np.asarray(lab), min_area)
-            rungs.append(Rung(d, m, n))
+            rungs.append(Rung(d, None if m is None else m / grid, n))
         yield Progress("scale", i, len(usable), message=f"particle size: trying {d:.0f} px")
     scored = rung_costs(rungs, target, guess)
     order = sorted(scored, key=lambda r: r.cost)

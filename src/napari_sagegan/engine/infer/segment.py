@@ -45,12 +45,25 @@ from .scale import (
     estimate_diameter,
     median_diameter,
 )
-from .tiling import n_tiles, predict_tiled
+from .tiling import _resolve_range, n_tiles, predict_tiled
 
 #: Above this many pixels per slice the probability maps are kept as float16.
 _HALF_MAPS_PIXELS = 16_000_000
 #: InferConfig fields that describe the machine, not the model: a checkpoint's stored
 #: values (the defaults of the version that wrote it) are not used.
+#: The scale search measures the particles of a crop it shrinks on the network's grid
+#: (:meth:`Segmenter._network_crop_labels`): the same rungs as measuring them on the crop's
+#: grid (sizes within 0.8 % on 23 EMPS and generated images), 20 % less time per search.
+NETWORK_GRID_LADDER = True
+
+#: The tile side of the default tiling in 16-bit arithmetic (bfloat16 / float16): the
+#: same peak memory as the default float32 tile (1024 px: 583 MB for the bundled network's
+#: forward pass, 1280 px in bfloat16: 574 MB, measured on this project's CPU), so an image
+#: of 2048 network pixels takes 2 x 2 tiles instead of 3 x 3.
+HALF_PRECISION_TILE = 1280
+#: ``InferConfig.tile_size``'s default, which :data:`HALF_PRECISION_TILE` replaces.
+_DEFAULT_TILE = InferConfig.__dataclass_fields__["tile_size"].default
+
 _RUNTIME_FIELDS = frozenset({"tile_size", "overlap", "batch_size", "device", "engine", "precision"})
 
 
@@ -303,6 +316,11 @@ class Segmenter:
 
         def crop_labels(crop: np.ndarray, factor: float, box: tuple[int, int, int, int]):
             # one crop of at most CROP x CROP network pixels: one step of the search
+            if NETWORK_GRID_LADDER and factor < 1.0 and nonfinite_mask(crop) is None:
+                # a crop larger than the network's view of it: its particles are measured
+                # at the network's resolution, not resampled back (up to 1/factor^2 fewer
+                # pixels to post-process; the same network input)
+                return self._network_crop_labels(crop, factor, crop_cfg, config, ann, box)
             maps = run_to_end(self.predict_maps(crop, crop_cfg, factor=factor))
             min_size = max(1, int(round(config.min_size / factor**2)))
             lab = instances_from_maps(
@@ -348,6 +366,64 @@ class Segmenter:
             + ((info.diameter,) if info.diameter else ()),
         )
 
+    def _network_crop_labels(
+        self,
+        crop: np.ndarray,
+        factor: float,
+        crop_cfg: InferConfig,
+        config: InferConfig,
+        ann: Any,
+        box: tuple[int, int, int, int],
+    ) -> tuple[np.ndarray, float]:
+        """The scale search's instance labels of a finite ``crop`` shrunk by ``factor < 1``,
+        on the network's grid: ``(labels, scale)``, ``scale`` being label pixels per crop
+        pixel. The network sees what :func:`_resampled` gives it (the crop normalised by its
+        own robust range, then resized bilinearly with anti-aliasing to a multiple of the
+        network's divisor), and the maps are post-processed there instead of being resized
+        back to the crop first."""
+        import torch.nn.functional as F
+
+        from ..data.intensity import apply_range
+
+        divisor = self.model.config.divisor
+        h, w = crop.shape
+        size = (
+            max(divisor, _round_up(round(h * factor), divisor)),
+            max(divisor, _round_up(round(w * factor), divisor)),
+        )
+        lo, hi, _ = _resolve_range(crop, None)
+        x = torch.from_numpy(apply_range(crop, lo, hi).astype(np.float32))[None, None]
+        small = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        net_cfg = crop_cfg.replace(tile_size=max(crop_cfg.tile_size, *size))
+        maps = run_to_end(self.predict_maps(small[0, 0].numpy(), net_cfg, value_range=(-1.0, 1.0)))
+        lab = instances_from_maps(
+            maps[0],
+            maps[1] if self.model.config.dist_head else None,
+            threshold=config.threshold,
+            seed_threshold=config.seed_threshold,
+            split=config.split,
+            fill_holes=False,
+            min_size=max(1, int(config.min_size)),
+        )
+        if ann is not None and ann.items:  # the annotations' mask, on the network's grid
+            y0, x0, y1, x1 = box
+            ys = np.minimum((np.arange(size[0]) + 0.5) * h / size[0], h - 1).astype(int)
+            xs = np.minimum((np.arange(size[1]) + 0.5) * w / size[1], w - 1).astype(int)
+            mask = ann.mask[y0:y1, x0:x1][np.ix_(ys, xs)]
+            exclude_annotations(lab, type(ann)(mask, ann.items))
+        return lab, math.sqrt(size[0] / h * size[1] / w)
+
+    def network_tile(self, config: InferConfig) -> int:
+        """The side of the tiles the network sees: ``config.tile_size``, except that the
+        default one becomes :data:`HALF_PRECISION_TILE` where the network computes in 16
+        bits (``config.precision`` on this device), which holds the same memory."""
+        half = config.engine in ("torch", "auto") and (
+            autocast_dtype(config.precision, self.device) is not None
+        )
+        if half and config.tile_size == _DEFAULT_TILE:
+            return HALF_PRECISION_TILE
+        return int(config.tile_size)
+
     def predict_maps(
         self,
         image: Any,
@@ -372,15 +448,15 @@ class Segmenter:
         out_dtype = np.float16 if shape[0] * shape[1] > _HALF_MAPS_PIXELS else np.float32
         fn = self._predict_fn(with_attention, config.engine, config.precision)
         divisor = self.model.config.divisor
-        tile = config.tile_size
+        tile = net_tile = self.network_tile(config)
         if abs(factor - 1.0) > 1e-6:
             fn = _resampled(fn, factor, divisor)
-            tile, divisor = max(8, int(round(config.tile_size / factor))), 1
+            tile, divisor = max(8, int(round(net_tile / factor))), 1
         maps = yield from predict_tiled(
             fn,
             image,
             tile_size=tile,
-            overlap=config.overlap_for(config.tile_size),
+            overlap=config.overlap_for(net_tile),
             batch_size=config.batch_size,
             divisor=divisor,
             device=self.device,
@@ -407,11 +483,11 @@ class Segmenter:
         return info, n * (1 if len(shape) == 2 else shape[0]) + extra
 
     def _tiles(self, yx: tuple[int, int], config: InferConfig, factor: float) -> int:
+        net_tile = self.network_tile(config)
+        overlap = config.overlap_for(net_tile)
         if abs(factor - 1.0) > 1e-6:
-            tile = max(8, int(round(config.tile_size / factor)))
-            return n_tiles(yx, tile, config.overlap_for(config.tile_size), 1)
-        overlap = config.overlap_for(config.tile_size)
-        return n_tiles(yx, config.tile_size, overlap, self.model.config.divisor)
+            return n_tiles(yx, max(8, int(round(net_tile / factor))), overlap, 1)
+        return n_tiles(yx, net_tile, overlap, self.model.config.divisor)
 
     def _plane(
         self,

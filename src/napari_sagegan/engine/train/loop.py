@@ -152,10 +152,11 @@ class Fit:
         holdout: str = "images",
         margin: int = 0,
         extra: Sequence[tuple[Any, Any]] = (),
+        diameters: Sequence[float | None] | None = None,
     ) -> TrainingPairs:
         """Check and split the pairs (at their own scale), set torch's threads, seed every
-        generator and resolve the device (``holdout``, ``margin``, ``extra``: see
-        :func:`~napari_sagegan.engine.data.pairs.prepare_pairs`)."""
+        generator and resolve the device (``holdout``, ``margin``, ``extra``, ``diameters``:
+        see :func:`~napari_sagegan.engine.data.pairs.prepare_pairs`)."""
         pairs = prepare_pairs(
             images,
             labels,
@@ -166,6 +167,7 @@ class Fit:
             holdout=holdout,
             margin=margin,
             extra=extra,
+            diameters=diameters,
         )
         if config.num_threads:
             torch.set_num_threads(config.num_threads)

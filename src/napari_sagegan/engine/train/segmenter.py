@@ -110,6 +110,9 @@ class SegmenterTrainer(Fit):
         An explicit validation set; by default a seeded ``val_fraction`` of the pairs.
     infer : InferConfig, optional
         Post-processing used for validation (and stored in the checkpoint).
+    diameters : sequence of float or None, optional
+        The particle diameter the user gave for each image (``None``: its labels' median);
+        see :func:`~napari_sagegan.engine.data.pairs.prepare_pairs`.
     """
 
     record_keys = ("loss",)
@@ -129,6 +132,7 @@ class SegmenterTrainer(Fit):
         val_labels: Sequence[np.ndarray] | None = None,
         infer: InferConfig | None = None,
         overwrite: bool = False,
+        diameters: Sequence[float | None] | None = None,
     ) -> None:
         self._init_fit()
         self.config = config or TrainConfig()
@@ -147,6 +151,7 @@ class SegmenterTrainer(Fit):
         pairs = self._setup(
             images, labels, cfg, device=device, val_images=val_images, val_labels=val_labels,
             holdout=cfg.holdout, margin=cfg.patch_size // 2, extra=rehearsal_pairs(cfg),
+            diameters=diameters,
         )  # fmt: skip
         if self.ddp is not None:
             self.device = self.ddp.device  # cuda:LOCAL_RANK on CUDA

@@ -457,7 +457,8 @@ class ModelDock(DockBase):
     ) -> dict | None:
         """The arguments of a training job (:class:`~napari_sagegan.napari.jobs.FineTune`,
         :class:`~napari_sagegan.napari.jobs.Augment`): the pairs ticked in ``picker``
-        (checked now), its folder, ``base``, ``config()`` and the dock's device and threads.
+        (checked now, each with the particle size set in the Segment dock), its folder,
+        ``base``, ``config()`` and the dock's device and threads.
 
         Returns ``None`` after a notification when it cannot start: a bad pair (error), no
         pair at all (the warning ``no_pairs``), or a missing model file.
@@ -466,7 +467,9 @@ class ModelDock(DockBase):
 
         picker.refresh()
         try:
-            pairs = pairs_from_layers(self.viewer.layers, picker.checked_labels())
+            pairs = pairs_from_layers(
+                self.viewer.layers, picker.checked_labels(), self.state.particle_size
+            )
         except ValueError as err:
             notify_error(str(err))
             return None
