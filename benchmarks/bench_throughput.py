@@ -11,8 +11,12 @@ folder: reading the files, the particle size, the network, post-processing, writ
 scale on, on three fixed sets: generated TEM frames of 6-px gold dots, generated SEM frames
 of 60-px particles, and EMPS leave-source-out validation images (benchmarks/emps.py), for
 
-* **0.1 pipeline**: the settings before issue 18 (512-px tiles, 25 % overlap, 4 tiles per
-  batch, particles always resampled to the network's 32 px: ``scale_band=(1, 1)``, float32);
+* **before issue 18**: the code of :data:`BEFORE` (the commit before issue 18's work) with
+  its defaults and the same bundled weights, run in a subprocess that loads the model once
+  (:class:`BeforeWorker`): "today's pipeline" of the issue, to which every ratio is taken;
+* **this code, 0.1 settings**: this version with the settings before issue 18 (512-px tiles,
+  25 % overlap, 4 tiles per batch, particles always resampled to the network's 32 px:
+  ``scale_band=(1, 1)``, float32): what the code changes alone give;
 * **this version**: the defaults (1024-px tiles balanced to the image, an overlap of the
   network's context of 128 px, ``precision="auto"``: bfloat16 on a CPU that has it), and
   the same with ``--precision fp32`` and with ``--engine onnxruntime``;
@@ -20,7 +24,8 @@ of 60-px particles, and EMPS leave-source-out validation images (benchmarks/emps
   ``sliding_window_inference`` (512-px tiles, 25 % overlap, Gaussian blending) over the
   image resampled to the 0.1 pipeline's scale, as a MONAI user would build it;
 
-and reports images/s, megapixels/s, the ratio to the 0.1 pipeline in the same run, F1@0.5
+and reports images/s, megapixels/s, the ratio to the code before issue 18 in the same run
+(every pipeline run on each image in turn), F1@0.5
 and the size bias against the true labels, and where the time of this version goes.
 
 ``--curve`` segments generated images (6-100 px particles, three modalities) and EMPS
@@ -37,6 +42,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import os
 import sys
 import tempfile
 import time
@@ -54,6 +61,10 @@ from napari_sagegan.engine.infer.scale import median_diameter  # noqa: E402
 from napari_sagegan.engine.infer.segment import Segmenter  # noqa: E402
 from napari_sagegan.util.progress import run_to_end  # noqa: E402
 
+#: The code before issue 18 (its parent commit): "today's pipeline" of the issue.
+BEFORE = "95ac981"
+#: The row of :class:`BeforeWorker`, to which every ratio is taken.
+BEFORE_NAME = f"before issue 18 ({BEFORE})"
 #: The settings of the 0.1 pipeline (before issue 18).
 OLD = {
     "tile_size": 512,
@@ -214,6 +225,62 @@ def run_monai(seg, images):
     return out
 
 
+_WORKER = r"""
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+from napari_sagegan import api
+from napari_sagegan.engine.infer.segment import Segmenter
+from napari_sagegan.util.progress import run_to_end
+seg = Segmenter.load(sys.argv[2], device="cpu")
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    job = json.loads(line)
+    t = time.perf_counter()
+    run_to_end(api.segment([job["path"]], model=seg, out=job["out"], keep_labels=False))
+    print(json.dumps({"seconds": time.perf_counter() - t}), flush=True)
+"""
+
+
+class BeforeWorker:
+    """``sagegan segment``'s work as the code of :data:`BEFORE` does it, with its defaults
+    and the same bundled weights, in a subprocess that loads the model once; each call
+    segments one file there and returns the seconds it took (timed inside, so that the
+    pipes cost nothing)."""
+
+    def __init__(self, tmp: Path) -> None:
+        import subprocess
+
+        root = Path(__file__).resolve().parents[1]
+        src = Path(tmp) / "before"
+        src.mkdir()
+        archive = subprocess.run(
+            ["git", "-C", str(root), "archive", BEFORE, "src"], capture_output=True, check=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+        weights = root / "src" / "napari_sagegan" / "models" / "default.pt"
+        env = dict(os.environ, PYTHONPATH=str(src / "src"))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(torch.get_num_threads()), str(weights)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {BEFORE} worker stopped (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def segment(self, path: Path, out: Path) -> float:
+        self.proc.stdin.write(json.dumps({"path": str(path), "out": str(out)}) + "\n")
+        self.proc.stdin.flush()
+        return float(self._read()["seconds"])
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
 def bench_main(quick: bool, band: bool = False):
     import tifffile
 
@@ -229,7 +296,7 @@ def bench_main(quick: bool, band: bool = False):
                 paths.append(p)
             truth = [lab for _, _, lab in items]
             pipelines = [
-                ("0.1 pipeline", OLD),
+                ("this code, 0.1 settings", OLD),
                 ("this version", {}),
                 ("this version, --precision fp32", {"precision": "fp32"}),
             ]
@@ -241,31 +308,39 @@ def bench_main(quick: bool, band: bool = False):
                 pipelines.append(("this version, --engine onnxruntime", {"engine": "onnxruntime"}))
             # image by image, every pipeline in turn (the first one rotating), so that a
             # busy spell of the shared machine slows all of them alike
-            names = [label for label, _ in pipelines] + ["MONAI peer"]
+            names = [BEFORE_NAME] + [label for label, _ in pipelines] + ["MONAI peer"]
             seconds = dict.fromkeys(names, 0.0)
             labels: dict[str, list] = {k: [] for k in names}
             timer = StageTimer()
+            before = BeforeWorker(Path(tmp))
             for _label, infer in pipelines:  # untimed: lazy imports, first shapes
                 run_api(seg, paths[:1], infer, Path(tmp) / "warm-up")
             run_monai(seg, [tifffile.imread(paths[0])])
+            before.segment(paths[0], Path(tmp) / "warm-up-before")
             for n, path in enumerate(paths):
                 order = list(range(len(names)))
                 order = order[n % len(order) :] + order[: n % len(order)]
                 for k in order:
                     label = names[k]
                     t = time.perf_counter()
+                    if label == BEFORE_NAME:
+                        out = Path(tmp) / "out-before"
+                        seconds[label] += before.segment(path, out)
+                        labels[label].append(tifffile.imread(out / f"{path.stem}.tif"))
+                        continue
                     if label == "MONAI peer":
                         labels[label] += run_monai(seg, [tifffile.imread(path)])
                     elif label == "this version":
                         with timer:
-                            res = run_api(seg, [path], pipelines[k][1], Path(tmp) / f"out-{k}")
+                            res = run_api(seg, [path], pipelines[k - 1][1], Path(tmp) / f"out-{k}")
                         labels[label] += [r.labels for r in res]
                     else:
-                        res = run_api(seg, [path], pipelines[k][1], Path(tmp) / f"out-{k}")
+                        res = run_api(seg, [path], pipelines[k - 1][1], Path(tmp) / f"out-{k}")
                         labels[label] += [r.labels for r in res]
                     seconds[label] += time.perf_counter() - t
+            before.close()
             results = {k: (seconds[k], labels[k]) for k in names}
-        base = results["0.1 pipeline"][0]
+        base = results[BEFORE_NAME][0]
         for label, (sec, labs) in results.items():
             f1, bias = scores(list(zip(labs, truth)))
             rows.append([set_name, label, len(items) / sec, mp / sec, base / sec, f1,
@@ -275,7 +350,7 @@ def bench_main(quick: bool, band: bool = False):
         stages["other (api, report, progress)"] = total - sum(stages.values())
         for stage, sec in sorted(stages.items(), key=lambda kv: -kv[1]):
             profile_rows.append([set_name, stage, sec, 100 * sec / total])
-        print(markdown_table(["set", "pipeline", "images/s", "MP/s", "x 0.1", "F1@0.5",
+        print(markdown_table(["set", "pipeline", "images/s", "MP/s", "x before", "F1@0.5",
                               "size bias"], rows[-len(results):]), flush=True)  # fmt: skip
     return rows, profile_rows
 
@@ -406,11 +481,12 @@ def main() -> None:
         "## Throughput end to end (issue 18)\n\n"
         f"Command: `{cmd}` ({machine()}; {(time.perf_counter() - t0) / 60:.1f} min). Whole "
         "`sagegan segment` work (api.segment with an output folder: read, particle size, "
-        "network, post-processing, write), auto scale on; ratios are to the 0.1 pipeline in "
+        "network, post-processing, write), auto scale on; ratios are to the code before issue 18 "
+        f"(commit {BEFORE}, its defaults, the same weights) in "
         "the same run, every pipeline run on each image in turn after an untimed warm-up (the "
         "machine is shared and noisy: compare ratios, not absolute times).\n\n"
         + markdown_table(
-            ["set", "pipeline", "images/s", "MP/s", "x 0.1 pipeline", "F1@0.5", "size bias"], rows
+            ["set", "pipeline", "images/s", "MP/s", "x before", "F1@0.5", "size bias"], rows
         )  # fmt: skip
         + "\n\nWhere this version's time goes (exclusive wall time per stage):\n\n"
         + markdown_table(["set", "stage", "seconds", "% of total"], prof)

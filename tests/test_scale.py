@@ -386,6 +386,7 @@ def test_shrunk_ladder_crops_are_measured_on_the_network_grid_as_on_their_own(
         return real_search(both, *a, **k)
 
     monkeypatch.setattr(segment_module, "search_scale", spy)
+    monkeypatch.setattr(segment_module, "NETWORK_GRID_LADDER", True)
     new = run_once(scaled_model.estimate_scale(img))
     shrunk = [(f, out, shape) for f, out, shape in calls if f < 1]
     assert shrunk and all(isinstance(out, tuple) for _f, out, _s in shrunk)

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import disc_image
 from napari_sagegan import api
+from napari_sagegan.engine.checkpoint import Checkpoint
 from napari_sagegan.engine.data.pairs import FEW_PAIRS, prepare_pairs
 from napari_sagegan.engine.infer.scale import median_diameter
 from test_fewshot import base_model, config, scene  # noqa: F401  (base_model: a fixture)
@@ -139,3 +140,59 @@ def test_cli_refuses_a_diameter_below_one_pixel(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--diameter is the typical particle diameter in pixels" in err
     assert not (tmp_path / "x.pt").exists()
+
+
+def _fine_tune(base, out, pairs, **kw):
+    from test_fewshot import _drain
+
+    return _drain(
+        api.fine_tune(
+            pairs,
+            init=base,
+            config=config(epochs=1, steps_per_epoch=2),
+            out=out,
+            device="cpu",
+            **kw,
+        )  # fmt: skip
+    )
+
+
+def test_the_network_scale_is_rechosen_only_when_clearly_better(base_model, tmp_path):  # noqa: F811
+    from napari_sagegan.engine.train import segmenter as segmod
+
+    pairs = [(f"p{s}", *scene(s)) for s in (9, 10)]
+    events, trained = _fine_tune(base_model, tmp_path / "a.pt", pairs)
+    outcome = trained.result.decision
+    assert set(outcome["by_scale"]) == {
+        f"{name} x{s:g}"
+        for name in ("starting model", "starting model, re-calibrated", "fine-tuned")
+        for s in segmod.SCALE_CHOICES
+    }
+    at_own = max(outcome[k]["f1@0.5"] for k in ("base", "base_recalibrated", "fine_tuned"))
+    best_other = max(m["f1@0.5"] for m in outcome["by_scale"].values())
+    if outcome["scale"] == 1.0:  # no other scale beat the model's own by the margin
+        assert best_other <= at_own + segmod.SCALE_MARGIN
+        assert Checkpoint.load(tmp_path / "a.pt").target_diameter == TARGET
+    else:
+        assert best_other > at_own + segmod.SCALE_MARGIN
+
+
+def test_a_rechosen_network_scale_is_saved_and_said(base_model, tmp_path, monkeypatch):  # noqa: F811
+    from napari_sagegan.engine.train import segmenter as segmod
+
+    monkeypatch.setattr(segmod, "SCALE_MARGIN", -1.0)  # any other scale wins: the plumbing
+    pairs = [(f"p{s}", *scene(s)) for s in (9, 10)]
+    events, trained = _fine_tune(base_model, tmp_path / "b.pt", pairs, overwrite=True)
+    outcome = trained.result.decision
+    scale = outcome["scale"]
+    assert scale in segmod.SCALE_CHOICES
+    saved = Checkpoint.load(tmp_path / "b.pt")
+    assert saved.target_diameter == pytest.approx(TARGET * scale)
+    assert outcome["target_diameter"] == pytest.approx(TARGET * scale)
+    said = [e.message for e in events if e.stage == "choose"][-1]
+    assert f"network scale {TARGET * scale:g} px" in said and "so that scale is kept" in said
+    assert outcome["kept"] != "starting model"  # a model at another scale is a new model
+    # and the kept model segments at that scale: its particles are resampled to it
+    from napari_sagegan.engine.infer.segment import Segmenter
+
+    assert Segmenter.load(tmp_path / "b.pt").target_diameter == pytest.approx(TARGET * scale)

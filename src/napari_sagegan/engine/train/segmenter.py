@@ -60,6 +60,14 @@ from .distributed import DistributedRun
 from .loop import Fit, validate_segmenter
 from .losses import segmentation_loss
 
+#: Network scales a fine-tune also tries for the model it keeps, as multiples of the
+#: model's (its ``target_diameter``): each candidate is scored on the validation parts
+#: resampled by them (its particles seen that much larger or smaller).
+SCALE_CHOICES = (0.8, 1.25)
+#: F1@0.5 by which another network scale must beat the model's own to be chosen (the
+#: validation parts of a few images are small: a difference of one particle is noise).
+SCALE_MARGIN = 0.02
+
 
 @dataclass
 class TrainResult:
@@ -618,13 +626,38 @@ class SegmenterTrainer(Fit):
             if _score(c[1]) > _score(best[1]):
                 best = c
         choice, metrics, state, infer = best
+        # the network scale, re-chosen on the user's validation parts: every candidate at
+        # the other scales, kept only when clearly better than the best at the model's own
+        yield Progress("choose", 2, 3, message="trying other network scales")
+        scale, by_scale = 1.0, {}
+        for s in SCALE_CHOICES if self.config.target_diameter and self.val_images else ():
+            images, labels = self._val_at(s)
+            for name, _m, st, inf in candidates:
+                net = AttentionUNet(self.arch)
+                net.load_state_dict(st)
+                m = validate_segmenter(net.to(self.device), images, labels, inf,
+                                       device=self.device)  # fmt: skip
+                by_scale[f"{name} x{s:g}"] = m
+                if m.get("f1@0.5", 0.0) > metrics.get("f1@0.5", 0.0) + SCALE_MARGIN and (
+                    scale == 1.0 or _score(m) > _score(metrics)
+                ):
+                    choice, metrics, state, infer, scale = name, m, st, inf, s
+        scale_key = f"{choice} x{scale:g}"
+        if scale != 1.0 and choice == "starting model":
+            choice = "starting model, re-scaled"  # its weights, another network scale
         self.outcome = {
             "kept": choice,
             "base": dict(self.base_metrics),
             "base_recalibrated": dict(recal_m),
             "fine_tuned": dict(new),
             "thresholds": {"threshold": infer.threshold, "seed_threshold": infer.seed_threshold},
+            "scale": scale,
+            "by_scale": by_scale,
+            "scale_key": scale_key,
         }
+        if scale != 1.0:
+            self.outcome["target_diameter"] = self.config.target_diameter * scale
+            self.config = self.config.replace(target_diameter=self.config.target_diameter * scale)
         self.best_state, self.infer = state, infer
         self.best_metrics = dict(metrics)
         self.best_score = _score(metrics)
@@ -637,6 +670,16 @@ class SegmenterTrainer(Fit):
             self._write_out(state=self.best_state, epoch=self._best_epoch(),
                             metrics=self.best_metrics)  # fmt: skip
         yield Progress("choose", 3, 3, message=describe_outcome(self.outcome), data=self.outcome)
+
+    def _val_at(self, scale: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The validation parts resampled by ``scale`` (their particles that much larger)."""
+        from ..infer.scale import rescale_pair
+
+        pairs = [
+            rescale_pair(np.asarray(im, np.float32), np.asarray(lab), scale)
+            for im, lab in zip(self.val_images, self.val_labels)
+        ]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
 
     def _best_epoch(self) -> int:
         best = [r for r in self.history if r.get("val_f1@0.5") == self.best_metrics.get("f1@0.5")]
@@ -695,6 +738,14 @@ def describe_outcome(outcome: dict[str, Any]) -> str:
     both = f"fine-tuned {_scores(new)}, starting model {_scores(base)}"
     if recal is not None and recal != base:
         both += f" ({_scores(recal)} re-calibrated)"
+    scale = float(outcome.get("scale", 1.0))
+    if scale != 1.0:
+        m = outcome["by_scale"][outcome["scale_key"]]
+        both += (
+            f"; with the particles seen x{scale:g} larger (network scale "
+            f"{outcome['target_diameter']:g} px) the {kept} scores {_scores(m)}, so that "
+            "scale is kept"
+        )
     if kept == "fine-tuned":
         return f"kept the fine-tuned model: {both} on the validation images"
     if kept == "starting model, re-calibrated":
