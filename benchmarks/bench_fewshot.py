@@ -19,12 +19,17 @@ estimate.
 Caveat, printed and written with the table: the bundled model was trained on every EMPS
 article except the leave-source-out validation ones (which have 1-2 images each), so the
 articles with 3 or more images used here were seen in its training; ``--base`` takes a
-model trained without them.
+model trained without them (``SAGEGAN_CAMPAIGN_STATE=runs/fewshot-base python
+scripts/campaign.py --init scratch --exclude-fewshot 10``), and the section says which.
+
+In parallel: ``--shard 0/2 --rows-out a.json`` and ``--shard 1/2 --rows-out b.json`` in two
+processes, then ``--merge a.json b.json`` writes the section.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections import defaultdict
@@ -56,7 +61,8 @@ CAVEAT = (
 
 
 def episodes(n_articles: int) -> list[tuple[str, list[tuple[str, np.ndarray, np.ndarray]]]]:
-    """The first ``n_articles`` articles (by DOI) with >= 3 images, their pairs by stem."""
+    """The articles of :func:`emps.fewshot_articles` (the first ``n_articles`` by DOI with
+    >= 3 images), each with its pairs ``(stem, image, labels)`` in stem order."""
     if not emps.available():
         raise SystemExit(f"EMPS data not found at {emps.EMPS}; set SAGEGAN_EMPS")
     by_article: dict[str, list] = defaultdict(list)
@@ -64,11 +70,27 @@ def episodes(n_articles: int) -> list[tuple[str, list[tuple[str, np.ndarray, np.
     for ip, mp in find_pairs(emps.EMPS / "images", emps.EMPS / "masks"):
         if ip.stem in doi:
             by_article[doi[ip.stem]].append((ip, mp))
-    chosen = [a for a in sorted(by_article) if len(by_article[a]) >= 3][:n_articles]
     return [
         (a, [(ip.stem, read_image(ip), read_labels(mp)) for ip, mp in sorted(by_article[a])])
-        for a in chosen
+        for a in emps.fewshot_articles(n_articles)
     ]
+
+
+def base_note(base: Checkpoint, articles: list[str], name: str) -> str:
+    """Whether the base model saw the episodes' articles: the caveat, or what it was
+    trained without (``scripts/campaign.py --exclude-fewshot`` records its exclusions)."""
+    excluded = set(base.extra.get("excluded_articles") or ())
+    if not set(articles) <= excluded:
+        return f"**{CAVEAT}**"
+    steps = base.step
+    return (
+        f"The base model `{name}` was trained by the campaign's recipe (`scripts/campaign.py "
+        f"--init scratch --exclude-fewshot {len(articles)}`, {steps} optimiser steps) without "
+        f"any image of these {len(articles)} articles (nor used them for selection or "
+        "calibration): the episodes measure adaptation to articles the model never saw. It "
+        'had less training than the bundled model, so its "before" scores are lower than '
+        "the bundled model's would be on new articles."
+    )
 
 
 def otsu(image: np.ndarray, polarity: str, min_distance: int | None, min_size: int):
@@ -103,29 +125,17 @@ def score_model(seg: Segmenter, test, diameter: float) -> dict[str, float]:
     return mean_metrics(rows)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--articles", type=int, default=10)
-    ap.add_argument("--minutes", type=float, default=5.0)
-    ap.add_argument("--base", default="default", help="the model to fine-tune (default: bundled)")
-    ap.add_argument("--shots", default="1,2", help="numbers of training images per episode")
-    ap.add_argument("--max-test", type=int, default=0, help="score at most this many (0: all)")
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--no-write", action="store_true", help="do not write docs/benchmarks.md")
-    args = ap.parse_args()
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def run_episodes(args, base: Checkpoint) -> list[dict]:
+    """Fine-tune ``base`` on each episode of this shard; one row per (article, k)."""
     shots = [int(s) for s in args.shots.split(",")]
-    if args.base == "default":
-        print(CAVEAT)
-    base = Checkpoint.load(args.base, kind="segmenter")
-    rows, table = [], []
-    t0 = time.perf_counter()
+    index, count = (int(v) for v in args.shard.split("/"))
+    rows, n = [], 0
     for article, pairs in episodes(args.articles):
         for k in shots:
             if len(pairs) <= k:
+                continue
+            n += 1
+            if (n - 1) % count != index:
                 continue
             train, test = pairs[:k], pairs[k:]
             if args.max_test:
@@ -141,23 +151,27 @@ def main() -> None:
             decision = trained.result.decision or {"kept": "fine-tuned (no validation)"}
             after = score_model(Segmenter(ckpt.build(), device="cpu", checkpoint=ckpt), test,
                                 diameter)  # fmt: skip
-            row = {
+            rows.append({
                 "article": article, "k": k, "n_test": len(test), "kept": decision["kept"],
                 "otsu": classic, "before": before, "after": after,
-            }  # fmt: skip
-            rows.append(row)
-            table.append([
-                article, k, len(test), classic["f1@0.5"], before["f1@0.5"], after["f1@0.5"],
-                classic["dice"], before["dice"], after["dice"], decision["kept"],
-            ])  # fmt: skip
-            print(" | ".join(str(v if not isinstance(v, float) else f"{v:.3f}")
-                             for v in table[-1]), flush=True)  # fmt: skip
+            })  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def report(rows: list[dict], args, minutes: float, note: str) -> str:
+    """The markdown section of the episodes ``rows`` (of one run, or merged shards)."""
     if not rows:
         raise SystemExit("no article with enough images")
+    table = [
+        [r["article"], r["k"], r["n_test"], r["otsu"]["f1@0.5"], r["before"]["f1@0.5"],
+         r["after"]["f1@0.5"], r["otsu"]["dice"], r["before"]["dice"], r["after"]["dice"],
+         r["kept"]]
+        for r in sorted(rows, key=lambda r: (r["article"], r["k"]))
+    ]  # fmt: skip
+    shots = sorted({r["k"] for r in rows})
     for k in shots:
         sel = [r for r in rows if r["k"] == k]
-        if not sel:
-            continue
 
         def mean(part, key, sel=sel):
             return float(np.mean([r[part][key] for r in sel]))
@@ -171,8 +185,6 @@ def main() -> None:
     verdicts = []
     for k in shots:
         sel = [r for r in rows if r["k"] == k]
-        if not sel:
-            continue
         err_after = np.mean([1 - r["after"]["f1@0.5"] for r in sel])
         err_ref = min(np.mean([1 - r["otsu"]["f1@0.5"] for r in sel]),
                       np.mean([1 - r["before"]["f1@0.5"] for r in sel]))  # fmt: skip
@@ -188,25 +200,25 @@ def main() -> None:
               "Otsu Dice", "before Dice", "after Dice", "kept"]  # fmt: skip
     md = markdown_table(header, table)
     print(md)
-    minutes = (time.perf_counter() - t0) / 60
     cmd = (
         f"python benchmarks/bench_fewshot.py --articles {args.articles} --minutes {args.minutes:g}"
         f" --base {args.base} --shots {args.shots}"
         + (f" --max-test {args.max_test}" if args.max_test else "")
     )
+    n_articles = len({r["article"] for r in rows})
     body = f"""## Few-shot fine-tuning episodes (issue 14)
 
-`{cmd}` ({minutes:.0f} min on {machine()}).
+`{cmd}` ({minutes:.0f} min of episodes on {machine()}{args.how}).
 
 Per article of the EMPS training split with at least 3 images: fine-tune the base model for
 {args.minutes:g} CPU-minutes on its first k images (`api.fine_tune`: few-shot recipe, a
-held-out band of each image for validation, re-calibrated thresholds, the starting model
-kept when the fine-tuned one is not better there), then segment the article's other images
-(at the particle size of the training labels, for every method) and score them. Otsu +
-watershed has its polarity and marker distance tuned on the same k images. "kept" is the
-choice made on the validation band.
+held-out band of each image for validation, re-calibrated thresholds and network scale, the
+starting model kept when the fine-tuned one is not better there), then segment the article's
+other images (at the particle size of the training labels, for every method) and score them.
+Otsu + watershed has its polarity and marker distance tuned on the same k images. "kept" is
+the choice made on the validation band.
 
-**{CAVEAT}**
+{note}
 
 {md}
 
@@ -215,11 +227,54 @@ of the k training images only; where it re-calibrated the thresholds or kept the
 model and the article's other images then scored lower, the choice did not carry over from
 the band to the rest of the article.
 """
-    if args.articles < 10 or args.minutes < 5:
+    if n_articles < 10 or args.minutes < 5:
         body += (
             "\nThis is a small run that shows the benchmark works; the full run (10 articles, "
             "5 minutes) is still to be made on a machine with free CPU.\n"
         )
+    return body
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--articles", type=int, default=10)
+    ap.add_argument("--minutes", type=float, default=5.0)
+    ap.add_argument("--base", default="default", help="the model to fine-tune (default: bundled)")
+    ap.add_argument("--shots", default="1,2", help="numbers of training images per episode")
+    ap.add_argument("--max-test", type=int, default=0, help="score at most this many (0: all)")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument(
+        "--shard",
+        default="0/1",
+        metavar="I/N",
+        help="run only every N-th episode starting at the I-th (parallel processes; with "
+        "--rows-out, then --merge)",
+    )
+    ap.add_argument("--rows-out", help="write this shard's rows (JSON) here instead of docs")
+    ap.add_argument("--merge", nargs="+", metavar="ROWS", help="report the rows of these shards")
+    ap.add_argument("--no-write", action="store_true", help="do not write docs/benchmarks.md")
+    args = ap.parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = Checkpoint.load(args.base, kind="segmenter")
+    note = base_note(base, emps.fewshot_articles(args.articles), args.base)
+    print(note)
+    args.how = ""
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        rows = [r for part in parts for r in part["rows"]]
+        minutes = max(part["minutes"] for part in parts)
+        args.how = f", {len(parts)} processes side by side"
+    else:
+        t0 = time.perf_counter()
+        rows = run_episodes(args, base)
+        minutes = (time.perf_counter() - t0) / 60
+        if args.rows_out:
+            Path(args.rows_out).write_text(json.dumps({"minutes": minutes, "rows": rows}))
+            return
+    body = report(rows, args, minutes, note)
     if not args.no_write:
         write_section("fewshot", body)
 

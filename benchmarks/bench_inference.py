@@ -162,6 +162,24 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, dt, int(res.lab
 """
 
 
+def default_tiling() -> str:
+    """The default tiling of the bundled model on this machine, in words (the tile side
+    depends on the precision ``auto`` resolves to here)."""
+    from napari_sagegan.engine.device import autocast_dtype
+    from napari_sagegan.engine.infer.segment import Segmenter
+
+    seg = Segmenter.load("default", device="cpu")
+    cfg = seg.default_infer_config()
+    tile = seg.network_tile(cfg)
+    dtype = autocast_dtype(cfg.precision, seg.device)
+    return (
+        f"tiles of at most {tile} px balanced to the image, "
+        f"{round(cfg.overlap_for(tile) * tile)}-px overlap, {cfg.batch_size} per batch, "
+        f"precision {cfg.precision}: {str(dtype).replace('torch.', '') if dtype else 'float32'}"
+        " on this CPU"
+    )
+
+
 def bench_memory(size: int, diameter: float = 0.0, kind: str = "tem_hex") -> list:
     from napari_sagegan.engine.synthetic.render import make_sample
 
@@ -243,8 +261,7 @@ def main() -> None:
                 f"Machine: {machine()}.\nCommand: `python benchmarks/bench_inference.py "
                 f"--memory-only --memory-size {args.memory_size} --memory-diameter "
                 f"{' '.join(f'{d:g}' for d in args.memory_diameter)} --memory-kind "
-                f"{args.memory_kind}`\n\nDefault tiling "
-                "(tiles of at most 1024 px balanced to the image, 128-px overlap, 1 per batch); "
+                f"{args.memory_kind}`\n\nDefault tiling ({default_tiling()}); "
                 "0 = the particle size estimated (auto scale).\n\n" + mtable
             ),
         )

@@ -75,6 +75,18 @@ def lso_validation_ids() -> set[str]:
     return {s for stems in by_article.values() if all(x in held for x in stems) for s in stems}
 
 
+def fewshot_articles(n_articles: int) -> list[str]:
+    """The first ``n_articles`` articles (by DOI) with 3 or more images outside the
+    leave-source-out validation: the few-shot episodes of benchmarks/bench_fewshot.py, and
+    what ``scripts/campaign.py --exclude-fewshot`` keeps out of a base model's training."""
+    val_ids = lso_validation_ids()
+    count: dict[str, int] = defaultdict(int)
+    for stem, doi in articles().items():
+        if stem not in val_ids:
+            count[doi] += 1
+    return [a for a in sorted(count) if count[a] >= 3][: max(0, int(n_articles))]
+
+
 def load_lso(limit: int | None = None):
     """Return (train_pairs, validation_pairs) of the leave-source-out split, as lists of
     ``(stem, image, labels)``; ``limit`` keeps the first images of each (quick runs)."""

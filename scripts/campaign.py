@@ -80,19 +80,23 @@ N_CALIBRATION_GENERATED = 8
 GEN_SIZES = (8, 16, 32, 64, 128, 200)
 
 
-def recipe(seed: int = 0, n_generated: int = N_GENERATED):
+def recipe(seed: int = 0, n_generated: int = N_GENERATED, exclude: tuple[str, ...] = ()):
     """The campaign's data: (train_images, train_labels, sel_images, sel_labels, val).
 
     EMPS leave-source-out training part minus the selection articles, plus ``n_generated``
     generated pairs (TEM / SEM / HAADF presets, dispersed, agglomerated and ordered layouts,
     6-60 px, noise, illumination; half of them with a burned-in scale bar, label, panel
     letter or SEM data bar, labelled as background). ``val``: the leave-source-out
-    validation pairs ``(stem, image, labels)``.
+    validation pairs ``(stem, image, labels)``. The images of the articles (DOIs) in
+    ``exclude`` are used for nothing: neither training nor selection nor calibration.
     """
     from napari_sagegan.engine.synthetic.annotations import with_annotations
     from napari_sagegan.engine.synthetic.render import make_training_set
 
     train, val = emps.load_lso()
+    if exclude:
+        art = emps.articles()
+        train = [t for t in train if art[t[0]] not in set(exclude)]
     sel, rest = split_selection(train)
     gen = with_annotations(make_training_set(n_generated, shape=(256, 256), seed=seed), seed, 0.5)
     images = [i for i, _ in rest] + [i for i, _ in gen]
@@ -243,7 +247,9 @@ def run_chunk(args, data, gen_pairs) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     out = work / "chunk.pt"
-    init = str(WEIGHTS) if WEIGHTS.exists() else "default"
+    # the first chunk starts from the bundled model, or (--init scratch) from random weights
+    # of the same architecture and network scale
+    init = str(WEIGHTS) if WEIGHTS.exists() else (None if args.init == "scratch" else "default")
     config = TrainConfig(
         max_minutes=args.chunk_minutes,
         seed=args.seed + chunk,  # every chunk draws other patches
@@ -271,7 +277,8 @@ def run_chunk(args, data, gen_pairs) -> None:
     )
     steps0 = trainer.step
     print(
-        f"chunk {chunk}: from {init}, {len(images)} pairs, device {trainer.device_name}", flush=True
+        f"chunk {chunk}: from {init or 'random weights'}, {len(images)} pairs, device {trainer.device_name}",
+        flush=True,
     )
     for ev in trainer.run():
         if ev.stage == "validate":
@@ -299,7 +306,12 @@ def run_chunk(args, data, gen_pairs) -> None:
             "lso_dice_true_size": v["dice"],
             "lso_size_bias_true_size": v["size_bias"],
         },
-        extra={"campaign_chunk": chunk, "calibration": point.to_dict()},
+        extra={
+            "campaign_chunk": chunk,
+            "calibration": point.to_dict(),
+            "init": init if init is None or init == "default" else "campaign",
+            "excluded_articles": list(args.excluded),
+        },
     )
     row = {
         "chunk": chunk,
@@ -514,6 +526,21 @@ def main(argv=None) -> None:
     ap.add_argument("--steps-per-epoch", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="runs/campaign")
+    ap.add_argument(
+        "--init",
+        choices=("default", "scratch"),
+        default="default",
+        help="what the first chunk starts from: the bundled model, or random weights",
+    )
+    ap.add_argument(
+        "--exclude-fewshot",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep the N articles of benchmarks/bench_fewshot.py --articles N out of "
+        "everything (a base for honest few-shot episodes; use with --init scratch and "
+        "SAGEGAN_CAMPAIGN_STATE set to another folder)",
+    )
     ap.add_argument("--ship", action="store_true", help="compare and package; no training")
     ap.add_argument("--force", action="store_true", help="with --ship: package even if not better")
     args = ap.parse_args(argv)
@@ -523,7 +550,15 @@ def main(argv=None) -> None:
     import torch
 
     torch.set_num_threads(max(1, args.threads))
-    data = recipe(args.seed)
+    args.excluded = tuple(emps.fewshot_articles(args.exclude_fewshot))
+    if args.excluded and STATE.resolve() == (ROOT / "campaign").resolve():
+        raise SystemExit(
+            "--exclude-fewshot trains a base for the few-shot benchmark, not the bundled "
+            "model: set SAGEGAN_CAMPAIGN_STATE to another folder (e.g. runs/fewshot-base)"
+        )
+    if args.excluded:
+        print(f"keeping {len(args.excluded)} articles out: {', '.join(args.excluded)}", flush=True)
+    data = recipe(args.seed, exclude=args.excluded)
     gen_pairs = generated_checks()
     deadline = time.perf_counter() + args.hours * 3600
     while time.perf_counter() + args.chunk_minutes * 60 * 1.3 < deadline or _state()["chunk"] == 0:
