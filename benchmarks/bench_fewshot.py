@@ -82,14 +82,20 @@ def base_note(base: Checkpoint, articles: list[str], name: str) -> str:
     excluded = set(base.extra.get("excluded_articles") or ())
     if not set(articles) <= excluded:
         return f"**{CAVEAT}**"
-    steps = base.step
+    m = base.metrics
+    lso = (
+        f" On the leave-source-out validation (true sizes given) it scores F1@0.5 "
+        f"{m['lso_f1@0.5_true_size']:.3f}, Dice {m['lso_dice_true_size']:.3f}."
+        if "lso_f1@0.5_true_size" in m and "lso_dice_true_size" in m
+        else ""
+    )
     return (
-        f"The base model `{name}` was trained by the campaign's recipe (`scripts/campaign.py "
-        f"--init scratch --exclude-fewshot {len(articles)}`, {steps} optimiser steps) without "
-        f"any image of these {len(articles)} articles (nor used them for selection or "
-        "calibration): the episodes measure adaptation to articles the model never saw. It "
-        'had less training than the bundled model, so its "before" scores are lower than '
-        "the bundled model's would be on new articles."
+        f"The base model `{name}` was trained by the campaign's recipe "
+        f"(`SAGEGAN_CAMPAIGN_STATE=... python scripts/campaign.py --init scratch "
+        f"--exclude-fewshot {len(articles)}`, {base.step} optimiser steps from "
+        f"random weights) without any image of these {len(articles)} articles, nor used them "
+        "for selection or calibration: the episodes measure adaptation to articles the model "
+        f"never saw.{lso}"
     )
 
 
