@@ -192,6 +192,13 @@ def test_a_rechosen_network_scale_is_saved_and_said(base_model, tmp_path, monkey
     said = [e.message for e in events if e.stage == "choose"][-1]
     assert f"network scale {TARGET * scale:g} px" in said and "so that scale is kept" in said
     assert outcome["kept"] != "starting model"  # a model at another scale is a new model
+    # the calibration on record is that of the thresholds kept (none for the starting
+    # model's own thresholds)
+    cal = saved.extra.get("calibration")
+    if outcome["kept"] == "starting model, re-scaled":
+        assert cal is None
+    else:
+        assert cal is None or cal["threshold"] == saved.infer["threshold"]
     # and the kept model segments at that scale: its particles are resampled to it
     from napari_sagegan.engine.infer.segment import Segmenter
 

@@ -662,7 +662,9 @@ class SegmenterTrainer(Fit):
         self.best_metrics = dict(metrics)
         self.best_score = _score(metrics)
         if choice != "fine-tuned":
-            self.calibration = None if choice == "starting model" else point.to_dict()
+            # the starting model at its own thresholds (re-scaled or not) was not re-calibrated
+            own = choice in ("starting model", "starting model, re-scaled")
+            self.calibration = None if own else point.to_dict()
         old = self.existing_metrics
         if self.out is not None and (
             self.existing is None or (old and _score(metrics) > _score(old))
