@@ -17,8 +17,9 @@ of 60-px particles, and EMPS leave-source-out validation images (benchmarks/emps
 * **this code, 0.1 settings**: this version with the settings before issue 18 (512-px tiles,
   25 % overlap, 4 tiles per batch, particles always resampled to the network's 32 px:
   ``scale_band=(1, 1)``, float32): what the code changes alone give;
-* **this version**: the defaults (1024-px tiles balanced to the image, an overlap of the
-  network's context of 128 px, ``precision="auto"``: bfloat16 on a CPU that has it), and
+* **this version**: the defaults (tiles balanced to the image, of at most 1024 px in
+  float32 or 1280 px in bfloat16, an overlap of the network's context of 128 px,
+  ``precision="auto"``: bfloat16 on a CPU that has it), and
   the same with ``--precision fp32`` and with ``--engine onnxruntime``;
 * **MONAI peer**: the same network and post-processing, with MONAI's
   ``sliding_window_inference`` (512-px tiles, 25 % overlap, Gaussian blending) over the
@@ -308,7 +309,8 @@ def bench_main(quick: bool, band: bool = False):
                 pipelines.append(("this version, --engine onnxruntime", {"engine": "onnxruntime"}))
             # image by image, every pipeline in turn (the first one rotating), so that a
             # busy spell of the shared machine slows all of them alike
-            names = [BEFORE_NAME] + [label for label, _ in pipelines] + ["MONAI peer"]
+            settings = dict(pipelines)
+            names = [BEFORE_NAME, *settings, "MONAI peer"]
             seconds = dict.fromkeys(names, 0.0)
             labels: dict[str, list] = {k: [] for k in names}
             timer = StageTimer()
@@ -332,10 +334,10 @@ def bench_main(quick: bool, band: bool = False):
                         labels[label] += run_monai(seg, [tifffile.imread(path)])
                     elif label == "this version":
                         with timer:
-                            res = run_api(seg, [path], pipelines[k - 1][1], Path(tmp) / f"out-{k}")
+                            res = run_api(seg, [path], settings[label], Path(tmp) / f"out-{k}")
                         labels[label] += [r.labels for r in res]
                     else:
-                        res = run_api(seg, [path], pipelines[k - 1][1], Path(tmp) / f"out-{k}")
+                        res = run_api(seg, [path], settings[label], Path(tmp) / f"out-{k}")
                         labels[label] += [r.labels for r in res]
                     seconds[label] += time.perf_counter() - t
             before.close()

@@ -95,8 +95,8 @@ def recipe(seed: int = 0, n_generated: int = N_GENERATED, exclude: tuple[str, ..
 
     train, val = emps.load_lso()
     if exclude:
-        art = emps.articles()
-        train = [t for t in train if art[t[0]] not in set(exclude)]
+        art, out = emps.articles(), set(exclude)
+        train = [t for t in train if art[t[0]] not in out]
     sel, rest = split_selection(train)
     gen = with_annotations(make_training_set(n_generated, shape=(256, 256), seed=seed), seed, 0.5)
     images = [i for i, _ in rest] + [i for i, _ in gen]
@@ -515,6 +515,18 @@ compare the two, not the absolute speed: the particle-size ladder costs about 2 
     atomic_write_text(CARD, text)
 
 
+def _seen_excluded(args) -> str:
+    """What this run would start from, when that model saw an article of ``args.excluded``
+    (the bundled model did; a state's weights did unless they record the exclusion);
+    else ``""``."""
+    if not WEIGHTS.exists():
+        return "" if args.init == "scratch" else "the bundled model"
+    from napari_sagegan.engine.checkpoint import Checkpoint
+
+    recorded = set(Checkpoint.load(WEIGHTS).extra.get("excluded_articles") or ())
+    return "" if set(args.excluded) <= recorded else str(WEIGHTS)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hours", type=float, default=1.0, help="wall-clock budget of this run")
@@ -557,6 +569,13 @@ def main(argv=None) -> None:
             "model: set SAGEGAN_CAMPAIGN_STATE to another folder (e.g. runs/fewshot-base)"
         )
     if args.excluded:
+        seen = _seen_excluded(args)
+        if seen:
+            raise SystemExit(
+                f"--exclude-fewshot {args.exclude_fewshot}: the model this run would start from "
+                f"({seen}) was trained on some of those articles; start a new state folder "
+                "with --init scratch"
+            )
         print(f"keeping {len(args.excluded)} articles out: {', '.join(args.excluded)}", flush=True)
     data = recipe(args.seed, exclude=args.excluded)
     gen_pairs = generated_checks()

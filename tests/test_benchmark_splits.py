@@ -51,3 +51,30 @@ def test_campaign_exclusion_drops_every_image_of_the_articles(monkeypatch):
     campaign.recipe(0, n_generated=0, exclude=articles)
     assert len(seen["stems"]) == len(doi) - n_excluded
     assert not {doi[s] for s in seen["stems"]} & set(articles)
+
+
+def test_a_fewshot_base_never_starts_from_a_model_that_saw_the_articles(tmp_path, monkeypatch):
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import campaign
+
+    from napari_sagegan.engine.checkpoint import Checkpoint
+    from napari_sagegan.engine.config import ArchConfig
+    from napari_sagegan.engine.nets.attention_unet import AttentionUNet
+
+    excluded = tuple(emps.fewshot_articles(3))
+    weights = tmp_path / "segmenter.pt"
+    monkeypatch.setattr(campaign, "WEIGHTS", weights)
+
+    def args(init):
+        return argparse.Namespace(init=init, excluded=excluded, exclude_fewshot=3)
+
+    assert campaign._seen_excluded(args("default")) == "the bundled model"
+    assert campaign._seen_excluded(args("scratch")) == ""
+    arch = ArchConfig(base_channels=4, depth=2)
+    for recorded, refused in ((excluded[:2], True), (excluded, False)):
+        Checkpoint.from_model(
+            AttentionUNet(arch), arch=arch, extra={"excluded_articles": list(recorded)}
+        ).save(weights)
+        assert (campaign._seen_excluded(args("scratch")) == str(weights)) is refused

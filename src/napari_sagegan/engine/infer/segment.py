@@ -49,8 +49,6 @@ from .tiling import _resolve_range, n_tiles, predict_tiled
 
 #: Above this many pixels per slice the probability maps are kept as float16.
 _HALF_MAPS_PIXELS = 16_000_000
-#: InferConfig fields that describe the machine, not the model: a checkpoint's stored
-#: values (the defaults of the version that wrote it) are not used.
 #: Whether the scale search measures the particles of a crop it shrinks on the network's
 #: grid (:meth:`Segmenter._network_crop_labels`) rather than on the crop's: 20 % less time
 #: per search and the same rungs (sizes within 0.8 % on 23 EMPS and generated images), but
@@ -65,7 +63,8 @@ NETWORK_GRID_LADDER = False
 HALF_PRECISION_TILE = 1280
 #: ``InferConfig.tile_size``'s default, which :data:`HALF_PRECISION_TILE` replaces.
 _DEFAULT_TILE = InferConfig.__dataclass_fields__["tile_size"].default
-
+#: InferConfig fields that describe the machine, not the model: a checkpoint's stored
+#: values (the defaults of the version that wrote it) are not used.
 _RUNTIME_FIELDS = frozenset({"tile_size", "overlap", "batch_size", "device", "engine", "precision"})
 
 
