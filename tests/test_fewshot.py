@@ -146,6 +146,50 @@ def test_fine_tune_recalibrates_and_saves_the_thresholds(base_model, tmp_path):
     assert saved["metrics"]["f1@0.5"] >= outcome["base"]["f1@0.5"]
 
 
+def test_one_particle_is_noise_two_are_evidence():
+    from napari_sagegan.engine.train.segmenter import SCALE_MARGIN, decision_margin
+
+    # one particle moves F1 by about 1/n: a replacement must be better by more than that
+    assert decision_margin(2) == pytest.approx(0.5)
+    assert decision_margin(10) == pytest.approx(0.1)
+    assert decision_margin(0) == pytest.approx(1.0)  # nothing to decide on: keep
+    assert decision_margin(10_000) == SCALE_MARGIN  # never below the floor
+
+
+def test_a_replacement_beats_the_starting_model_by_the_margin_of_the_band(base_model, tmp_path):
+    from napari_sagegan.engine.train.segmenter import DICE_MARGIN, DICE_SLACK
+
+    torch.manual_seed(0)
+    pairs = [(f"narrow{s}", *scene(s, narrow=True)) for s in (11, 12)]
+    events, trained = _drain(
+        api.fine_tune(pairs, init=base_model, config=config(epochs=3, lr=3e-3), device="cpu")
+    )
+    outcome = trained.result.decision
+    # the particles counted are those of the validation parts, each once
+    val = trained.trainer.val_labels
+    n = sum(len(set(np.unique(lab)) - {0}) for lab in val)
+    assert outcome["validation_particles"] == n > 0
+    margin = outcome["margin"]
+    assert margin == pytest.approx(max(0.02, 1.0 / n))
+
+    def clearly_better(m, than):  # more particles right, or better outlines of as many
+        f1, dice = m["f1@0.5"] - than["f1@0.5"], m["dice"] - than["dice"]
+        return (f1 > margin and dice >= -DICE_SLACK) or (f1 >= 0 and dice > DICE_MARGIN)
+
+    base = outcome["base"]
+    if outcome["kept"] == "starting model":  # neither replacement was clearly better
+        assert not clearly_better(outcome["fine_tuned"], base)
+        assert not clearly_better(outcome["base_recalibrated"], base)
+    else:
+        key = {"fine-tuned": "fine_tuned"}.get(outcome["kept"], "base_recalibrated")
+        assert clearly_better(outcome[key], base)
+    said = [e.message for e in events if e.stage == "choose"][-1]
+    assert f"({n} particles: a replacement must score F1@0.5 more than {margin:.2f}" in said
+    # the fine-tuned weights stay at hand whichever model is kept
+    assert trained.trainer.fine_tuned is not None
+    assert set(trained.trainer.fine_tuned) == {"state", "infer", "target_diameter"}
+
+
 def test_a_fine_tune_that_is_worse_keeps_the_old_model(base_model, tmp_path):
     # a learning rate so high that a few steps wreck the model
     pairs = [(f"p{s}", *scene(s)) for s in (5, 6)]

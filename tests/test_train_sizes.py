@@ -170,17 +170,30 @@ def test_the_network_scale_is_rechosen_only_when_clearly_better(base_model, tmp_
     }
     at_own = max(outcome[k]["f1@0.5"] for k in ("base", "base_recalibrated", "fine_tuned"))
     best_other = max(m["f1@0.5"] for m in outcome["by_scale"].values())
+    # the margin is more than one validation particle's worth of F1
+    n = outcome["validation_particles"]
+    assert n > 0 and outcome["margin"] == pytest.approx(max(segmod.SCALE_MARGIN, 1 / n))
     if outcome["scale"] == 1.0:  # no other scale beat the model's own by the margin
-        assert best_other <= at_own + segmod.SCALE_MARGIN
+        kept = {"starting model": "base", "fine-tuned": "fine_tuned"}.get(
+            outcome["kept"], "base_recalibrated"
+        )
+        own = outcome[kept]
+        for m in outcome["by_scale"].values():  # none clearly better
+            f1, dice = m["f1@0.5"] - own["f1@0.5"], m["dice"] - own["dice"]
+            assert f1 <= outcome["margin"] or dice < -segmod.DICE_SLACK
+            assert f1 < 0 or dice <= segmod.DICE_MARGIN
         assert Checkpoint.load(tmp_path / "a.pt").target_diameter == TARGET
     else:
-        assert best_other > at_own + segmod.SCALE_MARGIN
+        assert best_other > at_own + outcome["margin"]
 
 
 def test_a_rechosen_network_scale_is_saved_and_said(base_model, tmp_path, monkeypatch):  # noqa: F811
     from napari_sagegan.engine.train import segmenter as segmod
 
-    monkeypatch.setattr(segmod, "SCALE_MARGIN", -1.0)  # any other scale wins: the plumbing
+    # any other scale wins: the plumbing
+    monkeypatch.setattr(segmod, "decision_margin", lambda n: -1.0)
+    monkeypatch.setattr(segmod, "DICE_SLACK", 1.0)
+    monkeypatch.setattr(segmod, "DICE_MARGIN", -1.0)
     pairs = [(f"p{s}", *scene(s)) for s in (9, 10)]
     events, trained = _fine_tune(base_model, tmp_path / "b.pt", pairs, overwrite=True)
     outcome = trained.result.decision
