@@ -338,12 +338,13 @@ PACKAGED = ROOT / "src" / "napari_sagegan" / "models" / "default.pt"
 CARD = ROOT / "docs" / "model-card.md"
 
 
-def ship(force: bool = False) -> bool:
+def ship(force: bool = False, dry_run: bool = False) -> bool:
     """Score the bundled model and the campaign's on the leave-source-out validation with
     the full pipeline (particle size found automatically); replace the bundled model only
     when the campaign's is better (F1@0.5 averaged over images higher, Dice not lower by more
-    than 0.01); write
-    docs/model-card.md either way. Returns whether the bundled model was replaced."""
+    than 0.01); write docs/model-card.md either way. ``dry_run``: score, print the verdict
+    and write nothing (e.g. a trial state folder set by ``SAGEGAN_CAMPAIGN_STATE``). Returns
+    whether the bundled model was (or, dry, would be) replaced."""
     from bench_accuracy import otsu_watershed
     from bench_size import pooled, run_pipeline
     from napari_sagegan.engine.checkpoint import Checkpoint
@@ -373,6 +374,14 @@ def ship(force: bool = False) -> bool:
     otsu = pooled([(otsu_watershed(img), gt) for _n, img, gt in val])
     b, c = scores["bundled"]["auto"], scores["campaign"]["auto"]
     better = c["f1_mean"] > b["f1_mean"] and c["dice"] >= b["dice"] - 0.01
+    if dry_run:
+        print(
+            f"{WEIGHTS}: F1@0.5 (mean of images) {c['f1_mean']:.3f} vs bundled "
+            f"{b['f1_mean']:.3f}, Dice {c['dice']:.3f} vs {b['dice']:.3f}: "
+            + ("better, would be shipped" if better else "not better, would not be shipped")
+            + " (dry run: nothing written)"
+        )
+        return better
     ck = Checkpoint.load(WEIGHTS)
     if better or force:
         save_weights(
@@ -555,9 +564,14 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--ship", action="store_true", help="compare and package; no training")
     ap.add_argument("--force", action="store_true", help="with --ship: package even if not better")
+    ap.add_argument(
+        "--dry-run", action="store_true", help="with --ship: score and say, write nothing"
+    )
     args = ap.parse_args(argv)
+    if args.dry_run and not args.ship:
+        raise SystemExit("--dry-run goes with --ship (it scores without packaging)")
     if args.ship:
-        ship(force=args.force)
+        ship(force=args.force, dry_run=args.dry_run)
         return
     import torch
 
