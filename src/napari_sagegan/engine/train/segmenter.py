@@ -22,11 +22,11 @@ resuming from ``out`` itself continues the run that wrote it.
 
 A fine-tune (``init``) is never worse (issue 14): the starting model is scored on the same
 validation images first (with fewer than 8 pairs, a held-out band of every image:
-:func:`~napari_sagegan.engine.data.pairs.hold_out_band`), the new model must beat it clearly (by more than
-one validation particle's worth of F1, :func:`decision_margin`, or by 0.03 of Dice with F1
-not lower) to be written, and after the run
-:meth:`SegmenterTrainer.choose_model` keeps the starting model unless the fine-tuned model (at
-its calibrated thresholds) or the starting model with thresholds re-calibrated on those
+:func:`~napari_sagegan.engine.data.pairs.hold_out_band`), the new model must beat it
+clearly (by more than one validation particle's worth of F1, :func:`decision_margin`, or by
+0.03 of Dice with F1 not lower) to be written, and after the run
+:meth:`SegmenterTrainer.choose_model` keeps the starting model unless the fine-tuned model
+(at its calibrated thresholds) or the starting model with thresholds re-calibrated on those
 images beats it that clearly (:attr:`TrainResult.decision`). When the bands
 hold no particle, the training images stand in for validation (said to the user).
 
@@ -85,9 +85,10 @@ def decision_margin(n_particles: int) -> float:
     F1 by about ``1 / n``), and at least :data:`SCALE_MARGIN`.
 
     The validation parts of a few corrected images are small: on a band of two particles a
-    model that predicts one false particle fewer gains 0.1 F1, and the 10 few-shot episodes
-    of docs/benchmarks.md showed such a choice not carrying over to the rest of the
-    article (apt.2019.10.001: 0.71 -> 0.36). A single particle is noise; two are evidence.
+    model that predicts one false particle fewer gains 0.1 F1; in the few-shot episodes of
+    docs/benchmarks.md, before this margin, such a choice did not carry over to the rest of
+    the article (apt.2019.10.001: 0.71 -> 0.36). A single particle is noise; two are
+    evidence.
     """
     return max(SCALE_MARGIN, 1.0 / max(int(n_particles), 1))
 
@@ -642,8 +643,8 @@ class SegmenterTrainer(Fit):
         (at its calibrated operating point), the starting model at its own and the starting
         model re-calibrated there. The starting model stays unless another clearly beats it
         (:func:`_beats`: by the :func:`decision_margin` of the validation particles, or by
-        :data:`DICE_MARGIN` of Dice); of
-        those that do, the best is kept (F1@0.5, then Dice). :attr:`outcome` says which was
+        :data:`DICE_MARGIN` of Dice); of those that do, the best is kept (F1@0.5, then
+        Dice). :attr:`outcome` says which was
         kept, with every score and the margin; :attr:`fine_tuned` keeps the fine-tuned
         weights whichever is kept."""
         if self.base is None or not self.base_metrics or not self.best_metrics:
