@@ -85,8 +85,9 @@ def test_the_default_tile_grows_in_16_bits_to_the_same_memory(monkeypatch):
     assert seg.network_tile(default.replace(precision="fp32")) == 1024
     assert seg.network_tile(default.replace(engine="onnxruntime")) == 1024  # float32 there
     assert seg.network_tile(default.replace(tile_size=512)) == 512  # the user's own tile
-    # an image of 2048 network pixels: 2 x 2 tiles in bfloat16, 3 x 3 in float32
-    assert seg._tiles((2048, 2048), default, 1.0) == 4
-    assert seg._tiles((2048, 2048), default.replace(precision="fp32"), 1.0) == 9
+    # an image of 2048 network pixels: 3 tiles of 2048 x 768 (1.57 MP each, under 1280 ** 2)
+    # in bfloat16, 2 x 3 of 1088 x 768 (under 1024 ** 2) in float32
+    assert seg._tiles((2048, 2048), default, 1.0) == 3
+    assert seg._tiles((2048, 2048), default.replace(precision="fp32"), 1.0) == 6
     monkeypatch.setattr(devmod, "cpu_has_native_bf16", lambda *a: False)
     assert seg.network_tile(default) == 1024  # auto is float32 on this CPU

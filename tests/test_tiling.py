@@ -277,19 +277,24 @@ def test_wrong_prediction_shape_raises_value_error():
     ("shape", "tile", "overlap", "divisor"),
     [
         ((1536, 1536), 1024, 0.125, 16),
+        ((1536, 1536), 1280, 0.1, 16),
         ((100, 130), 32, 0.25, 16),
         ((5000, 200), 128, 0.25, 1),
         ((1025, 1030), 1024, 0.125, 16),
         ((64, 64), 64, 0.5, 16),
+        ((8192, 3000), 1280, 0.1, 16),
     ],
 )
 def test_balanced_grid_covers_with_the_overlap_and_fewer_pixels(shape, tile, overlap, divisor):
     (th, tw), corners = balanced_grid(shape, tile, overlap, divisor)
-    old = tile_grid(shape, tile_sides(shape, tile, divisor), overlap)
-    assert len(corners) == len(old)  # same number of tiles
-    assert th % divisor == 0 and tw % divisor == 0
     ohh, oww = tile_sides(shape, tile, divisor)
-    assert th * tw <= ohh * oww  # never more computing than the plain grid
+    old = tile_grid(shape, (ohh, oww), overlap)
+    full = -(-tile // divisor) * divisor
+    assert th % divisor == 0 and tw % divisor == 0
+    assert th * tw <= full * full  # no tile takes more memory than a square full tile
+    assert max(th, tw) <= 2 * full
+    # never more computing than the plain grid
+    assert len(corners) * th * tw <= len(old) * ohh * oww
     count = np.zeros(shape, dtype=int)
     for y, x in corners:
         count[y : y + th, x : x + tw] += 1
@@ -300,10 +305,16 @@ def test_balanced_grid_covers_with_the_overlap_and_fewer_pixels(shape, tile, ove
         for a, b in zip(starts, starts[1:]):
             assert a + side - b >= margin  # neighbours share at least the overlap
     assert corners == sorted(corners)  # row-major, as the strip accumulator needs
-    for axis, length, side, plain in ((0, shape[0], th, ohh), (1, shape[1], tw, oww)):
-        if side < plain:  # shrunk tiles start on the network's grid, or flush with the end
-            for start in {c[axis] for c in corners}:
-                assert start % divisor == 0 or start == length - side
-    if shape == (1536, 1536):
+    plain = tile_grid(shape, full, overlap)
+    for axis, length, side in ((0, shape[0], th), (1, shape[1], tw)):
+        starts = {c[axis] for c in corners}
+        if side == full and starts == {c[axis] for c in plain}:
+            continue  # the plain tiles of tile_grid
+        # other tiles start on the network's grid, or flush with the end
+        assert all(start % divisor == 0 or start == length - side for start in starts)
+    if shape == (1536, 1536) and tile == 1024:
         assert (th, tw) == (832, 832)  # 2 x 2 tiles of 832 px instead of 1024
         assert corners[-1] == (704, 704)
+    if shape == (1536, 1536) and tile == 1280:
+        # a 1536 x 832 rectangle holds fewer pixels than 1280 ** 2: two tiles, not four
+        assert (th, tw) == (1536, 832) and corners == [(0, 0), (0, 704)]

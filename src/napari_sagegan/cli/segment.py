@@ -67,7 +67,15 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="what the network computes in (torch engine; default auto: float16 on a CUDA "
         "GPU, bfloat16 on a CPU with native bfloat16 such as AVX512-BF16, else float32)",
     )
-    s.add_argument("--tile-size", type=int, default=None)
+    s.add_argument(
+        "--tile-size",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="memory per tile: tiles hold at most PX x PX network pixels, shaped to the image "
+        "(default 1024, or 1280 where the network computes in 16 bits: the same memory); "
+        "lower it if segmenting runs out of memory",
+    )
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--threshold", type=float, default=None, help="particle probability")
     s.add_argument("--no-split", action="store_true", help="do not split touching particles")

@@ -278,7 +278,9 @@ class InferConfig(_Config):
     Attributes
     ----------
     tile_size : int
-        Side of the square tiles, pixels (rounded up to the network's divisor). Tiling is a
+        Side of the square tile whose area bounds every tile, pixels (rounded up to the
+        network's divisor): the tiles are rectangles of at most ``tile_size ** 2`` pixels,
+        the memory of that square, shaped to the image (``tiling.balanced_grid``). Tiling is a
         property of the machine, not of the model: a checkpoint's stored tiling is ignored
         (:meth:`~napari_sagegan.engine.infer.segment.Segmenter.default_infer_config`).
         The default, 1024, is the largest side in float32; where the network computes in

@@ -122,18 +122,19 @@ def tile_grid(
     return [(y, x) for y in ys for x in xs]
 
 
-def _balanced_axis(length: int, tile: int, overlap: float, divisor: int) -> tuple[int, list[int]]:
-    """The tile side and start offsets along one axis: as many tiles as :func:`_axis_starts`
-    gives for ``tile``, each shrunk to the smallest multiple of ``divisor`` that still
-    shares ``overlap * tile`` pixels with its neighbour, evenly spaced. Fewer pixels go
-    through the network: a 1536-px side takes two 832-px tiles instead of two of 1024."""
-    full = _round_up(tile, divisor)
-    if length <= full:
-        return min(full, _round_up(max(length, 1), divisor)), [0]
-    n = len(_axis_starts(length, full, overlap))
-    margin = int(math.ceil(overlap * full))
-    side = min(full, _round_up(-(-(length + (n - 1) * margin) // n), divisor))
-    while side < full:
+def _axis_for_count(
+    length: int, n: int, margin: int, divisor: int, max_side: int
+) -> tuple[int, list[int]] | None:
+    """The least tile side (a multiple of ``divisor``, at most ``max_side``) and the start
+    offsets with which ``n`` tiles cover ``length`` pixels, neighbours sharing at least
+    ``margin`` pixels; ``None`` when ``n`` tiles of ``max_side`` cannot."""
+    if n == 1:
+        side = _round_up(max(length, 1), divisor)
+        return (side, [0]) if side <= max_side else None
+    side = _round_up(-(-(length + (n - 1) * margin) // n), divisor)
+    if side >= length:  # n tiles would each span the whole axis: one does it
+        return None
+    while side <= max_side:
         # starts on the network's grid (multiples of ``divisor``), the last one flush with
         # the end: a U-Net is not shift-invariant, so a tile that starts off its grid gives
         # other maps than a whole-image pass would (up to 0.28 in probability, measured)
@@ -143,24 +144,62 @@ def _balanced_axis(length: int, tile: int, overlap: float, divisor: int) -> tupl
         if all(a + side - b >= margin for a, b in zip(starts, starts[1:])):
             return side, starts
         side += divisor
-    return full, _axis_starts(length, full, overlap)
+    return None
+
+
+def _axis_options(
+    length: int, full: int, overlap: float, margin: int, divisor: int, max_side: int
+) -> list[tuple[int, list[int]]]:
+    """Every useful ``(side, starts)`` of one axis: the plain tiles of :func:`tile_grid`,
+    and one per tile count, from one tile of the whole axis (when it is at most
+    ``max_side``) to tiles of half the full side."""
+    plain_starts = _axis_starts(length, full, overlap)
+    plain = len(plain_starts)
+    # the plain tiles of tile_grid (full side, starts every stride) are always a choice
+    options = [(full, plain_starts)] if length > full else []
+    for n in range(1, 2 * plain + 2):  # half-side tiles need about twice as many
+        found = _axis_for_count(length, n, margin, divisor, max_side)
+        if found is not None:
+            options.append(found)
+            if 2 * found[0] <= full:
+                break
+    return options
 
 
 def balanced_grid(
     shape: tuple[int, int], tile_size: int, overlap: float, divisor: int
 ) -> tuple[tuple[int, int], list[tuple[int, int]]]:
-    """Tile sides ``(th, tw)`` and the row-major corners :func:`predict_tiled` uses: the
-    tiles of :func:`tile_grid` for ``tile_size`` (same count, same minimum overlap in
-    pixels), shrunk to cover the image with the least computing (see
-    :func:`_balanced_axis`)."""
+    """Tile sides ``(th, tw)`` and the row-major corners :func:`predict_tiled` uses.
+
+    The network's memory grows with a tile's area, not its sides, so the tiles may be any
+    rectangle of at most ``tile_size ** 2`` pixels (each side at most twice ``tile_size``,
+    rounded up to ``divisor``), with neighbours sharing at least ``overlap * tile_size``
+    pixels: of these grids the one that puts the fewest pixels through the network (then
+    the fewest tiles). A 1536-px square takes two 1536 x 832 tiles for ``tile_size`` 1280
+    instead of four of 832 px; never more pixels than the square tiles of
+    :func:`tile_grid`.
+    """
     _check_overlap(overlap)
     if divisor < 1:
         raise ValueError(f"divisor must be a positive integer, got {divisor}")
     if tile_size < 1:
         raise ValueError(f"tile_size must be a positive number of pixels, got {tile_size}")
-    th, ys = _balanced_axis(int(shape[0]), int(tile_size), overlap, divisor)
-    tw, xs = _balanced_axis(int(shape[1]), int(tile_size), overlap, divisor)
-    return (th, tw), [(y, x) for y in ys for x in xs]
+    full = _round_up(int(tile_size), divisor)
+    margin = int(math.ceil(overlap * full))
+    max_side = 2 * full
+    best = None
+    ys_opts = _axis_options(int(shape[0]), full, overlap, margin, divisor, max_side)
+    xs_opts = _axis_options(int(shape[1]), full, overlap, margin, divisor, max_side)
+    for th, ys in ys_opts:
+        for tw, xs in xs_opts:
+            if th * tw > full * full:
+                continue
+            key = (len(ys) * len(xs) * th * tw, len(ys) * len(xs), abs(th - tw))
+            if best is None or key < best[0]:
+                best = (key, (th, tw), ys, xs)
+    assert best is not None  # the plain square tiles (or a single padded one) always fit
+    _, sides, ys, xs = best
+    return sides, [(y, x) for y in ys for x in xs]
 
 
 def n_tiles(shape: tuple[int, int], tile_size: int, overlap: float, divisor: int) -> int:
@@ -384,9 +423,10 @@ def predict_tiled(
         :mod:`..data.intensity`); their maps are the network's guess, for the caller to
         mask.
     tile_size : int
-        Largest tile side, pixels; rounded up to ``divisor``; shrunk to the image side
-        (rounded up to ``divisor``) for small images, and otherwise to the least that covers
-        the image with the same number of tiles and overlap (:func:`balanced_grid`).
+        Tiles hold at most ``tile_size ** 2`` pixels (the memory of a square tile of that
+        side, rounded up to ``divisor``): rectangles shaped to cover the image with the
+        fewest pixels at the overlap (:func:`balanced_grid`); a small image is one tile
+        padded to ``divisor``.
     overlap : float
         Fraction of a tile shared with its neighbour, in [0, 1).
     batch_size : int
