@@ -173,7 +173,7 @@ def default_tiling() -> str:
     tile = seg.network_tile(cfg)
     dtype = autocast_dtype(cfg.precision, seg.device)
     return (
-        f"tiles of at most {tile} px balanced to the image, "
+        f"tiles of at most {tile} x {tile} px shaped to the image, "
         f"{round(cfg.overlap_for(tile) * tile)}-px overlap, {cfg.batch_size} per batch, "
         f"precision {cfg.precision}: {str(dtype).replace('torch.', '') if dtype else 'float32'}"
         " on this CPU"

@@ -17,8 +17,8 @@ of 60-px particles, and EMPS leave-source-out validation images (benchmarks/emps
 * **this code, 0.1 settings**: this version with the settings before issue 18 (512-px tiles,
   25 % overlap, 4 tiles per batch, particles always resampled to the network's 32 px:
   ``scale_band=(1, 1)``, float32): what the code changes alone give;
-* **this version**: the defaults (tiles balanced to the image, of at most 1024 px in
-  float32 or 1280 px in bfloat16, an overlap of the network's context of 128 px,
+* **this version**: the defaults (tiles shaped to the image, rectangles of at most
+  1024 x 1024 px in float32 or 1280 x 1280 px in bfloat16, an overlap of the network's context of 128 px,
   ``precision="auto"``: bfloat16 on a CPU that has it), and
   the same with ``--precision fp32`` and with ``--engine onnxruntime``;
 * **MONAI peer**: the same network and post-processing, with MONAI's
@@ -232,7 +232,18 @@ torch.set_num_threads(int(sys.argv[1]))
 from napari_sagegan import api
 from napari_sagegan.engine.infer.segment import Segmenter
 from napari_sagegan.util.progress import run_to_end
-seg = Segmenter.load(sys.argv[2], device="cpu")
+# the old code knows fewer InferConfig / TrainConfig keys than the bundled checkpoint
+# holds (engine, precision, scale_band are newer: machine settings, or off): a copy with
+# the ones it knows, and the tiling left to the old code's own defaults
+import dataclasses
+from napari_sagegan.engine.config import InferConfig, TrainConfig
+ck = torch.load(sys.argv[2], weights_only=True)
+machine = {"tile_size", "overlap", "batch_size", "device"}
+for key, cls in (("infer", InferConfig), ("train", TrainConfig)):
+    known = {f.name for f in dataclasses.fields(cls)} - (machine if key == "infer" else set())
+    ck[key] = {k: v for k, v in ck[key].items() if k in known}
+torch.save(ck, sys.argv[3])
+seg = Segmenter.load(sys.argv[3], device="cpu")
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
     job = json.loads(line)
@@ -261,7 +272,8 @@ class BeforeWorker:
         weights = root / "src" / "napari_sagegan" / "models" / "default.pt"
         env = dict(os.environ, PYTHONPATH=str(src / "src"))
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _WORKER, str(torch.get_num_threads()), str(weights)],
+            [sys.executable, "-c", _WORKER, str(torch.get_num_threads()), str(weights),
+             str(Path(tmp) / "before-weights.pt")],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
         )  # fmt: skip
         self._read()
@@ -357,6 +369,36 @@ def bench_main(quick: bool, band: bool = False):
     return rows, profile_rows
 
 
+# --------------------------------------------------------------------------- precision
+
+
+def bench_precision():
+    """The whole pipeline (size found) in bfloat16 and in float32 on every leave-source-out
+    image: mean F1@0.5 and size bias of each, and the images where they differ."""
+    seg = Segmenter.load("default", device="cpu")
+    _, val = emps.load_lso()
+    runs = {}
+    for precision in ("bf16", "fp32"):
+        cfg = seg.default_infer_config(precision=precision)
+        out = []
+        for name, img, lab in val:
+            res = run_to_end(seg.segment(img, cfg))
+            f1 = evaluate_pair(res.labels, lab)["f1@0.5"]
+            out.append((name, res.labels, lab, f1, res.scale.diameter if res.scale else None))
+        runs[precision] = out
+    rows = []
+    for precision, out in runs.items():
+        f1, bias = scores([(p, g) for _, p, g, _, _ in out])
+        rows.append([f"all {len(out)}", precision, f1, f"{100 * bias:+.1f} %", "", ""])
+    for a, b in zip(runs["bf16"], runs["fp32"]):
+        da, db = a[4] or float("nan"), b[4] or float("nan")
+        if abs(a[3] - b[3]) > 0.02 or not abs(np.log(da / db)) <= 0.1:
+            true = median_diameter(a[2])
+            rows.append([a[0], "bf16 / fp32", f"{a[3]:.3f} / {b[3]:.3f}", "",
+                         f"{da:.1f} / {db:.1f}", f"{true:.1f}"])  # fmt: skip
+    return rows
+
+
 # --------------------------------------------------------------------------- curve, seams
 
 
@@ -429,6 +471,12 @@ def main() -> None:
         help="also run scale_band (0.75, 1) with the size estimated (section "
         "bench-throughput-band instead of bench-throughput)",
     )
+    ap.add_argument(
+        "--precision",
+        action="store_true",
+        help="the pipeline in bfloat16 and float32 on every leave-source-out image "
+        "(section bench-precision)",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: as set)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -443,6 +491,24 @@ def main() -> None:
             *([f"--threads {args.threads}"] if args.threads else []),
         ]
     )
+    if args.precision:
+        rows = bench_precision()
+        body = (
+            "### bfloat16 against float32 on every leave-source-out image\n\n"
+            f"Command: `{cmd} --precision` ({machine()}; "
+            f"{(time.perf_counter() - t0) / 60:.1f} min). The whole pipeline, particle size "
+            "found, with `precision='bf16'` (what auto runs on this CPU) and `'fp32'`: mean "
+            "F1@0.5 and size bias over the images, then each image where F1@0.5 differs by "
+            "more than 0.02 or the size found by more than 10 %.\n\n"
+            + markdown_table(
+                ["images", "precision", "F1@0.5", "size bias", "size found (px)", "true size (px)"],
+                rows,
+            )  # fmt: skip
+        )
+        print(body)
+        if not args.no_write:
+            write_section("bench-precision", body)
+        return
     if args.curve or args.seams:
         parts = ["## Which particle sizes the network sees: the scale band and the tile overlap\n"]
         if args.curve:
@@ -479,8 +545,11 @@ def main() -> None:
                 write_section("bench-seams", "### Tile overlap against seams\n\n" + parts[-1])
         return
     rows, prof = bench_main(args.quick, args.band)
+    title = "Throughput end to end" + (
+        " with the particle-size band (0.75, 1), size estimated" if args.band else " (issue 18)"
+    )
     body = (
-        "## Throughput end to end (issue 18)\n\n"
+        f"## {title}\n\n"
         f"Command: `{cmd}` ({machine()}; {(time.perf_counter() - t0) / 60:.1f} min). Whole "
         "`sagegan segment` work (api.segment with an output folder: read, particle size, "
         "network, post-processing, write), auto scale on; ratios are to the code before issue 18 "

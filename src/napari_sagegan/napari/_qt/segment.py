@@ -106,7 +106,10 @@ class SegmentWidget(ModelDock):
             InferConfig().tile_size,
             step=64,
             suffix=" px",
-            tooltip="Images are processed in overlapping tiles of this size",
+            tooltip="Memory per tile: images are processed in overlapping tiles of at most "
+            "this side squared in pixels, shaped to the image (1024: the float32 default; "
+            "1280 where the network computes in bfloat16, the same memory). Lower it if "
+            "segmenting runs out of memory",
         )
         self.threshold_spin = double_spin_box(
             0.05, 0.95, 0.5, decimals=2, step=0.05, tooltip="Particle probability threshold"
