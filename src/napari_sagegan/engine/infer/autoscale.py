@@ -19,8 +19,11 @@ adds a small prior ``0.1 min(|log(d_k / guess)|, 2)``, and when it agrees with t
 network's answer within 1.3x the segmenter uses the geometric mean of the two.
 
 The answer carries a confidence in [0, 1], ``exp(-2 cost)``, and the rung table, so that a
-caller can fall back to the next-best rung when the full pass disagrees (see
-:meth:`~napari_sagegan.engine.infer.segment.Segmenter.segment`).
+caller can check the next-best rungs with full passes (see
+:meth:`~napari_sagegan.engine.infer.segment.Segmenter.segment`, which keeps the pass whose
+particles the network is clearly most confident in: on images of a few particles larger
+than a quarter of the frame the ladder's crops see only the inside of one particle, and its
+answer is texture).
 """
 
 from __future__ import annotations

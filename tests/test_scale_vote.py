@@ -1,0 +1,94 @@
+"""The size check of the full pass: candidate sizes are segmented in full and the network's
+confidence in their particles decides (segment._vote)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from napari_sagegan.engine.analysis.metrics import evaluate_pair
+from napari_sagegan.engine.infer import segment as segmod
+from napari_sagegan.engine.infer.autoscale import LADDER
+from napari_sagegan.engine.infer.scale import ScaleInfo
+from napari_sagegan.engine.infer.segment import Segmenter
+from napari_sagegan.util.progress import run_to_end
+
+
+def _info(d):
+    return ScaleInfo(d, "network", 32.0 / d, 0.0)
+
+
+def test_the_ladders_answer_stays_unless_another_is_clearly_more_confident(monkeypatch):
+    monkeypatch.setattr(segmod, "VOTE_MARGIN", 0.02)
+    a, b, c = _info(20.0), _info(60.0), _info(150.0)
+    # another pass 0.01 more confident: not enough, the first stays
+    assert segmod._vote([(0.50, 0.0, a, "A"), (0.51, 0.0, b, "B")])[2] is a
+    # two clearly more confident: the most confident of them
+    chosen = segmod._vote([(0.50, 0.0, a, "A"), (0.60, 0.0, b, "B"), (0.75, 0.0, c, "C")])
+    assert chosen[2] is c and chosen[3] == "C"
+    # a first pass with no particle (0) loses to any pass with confident ones
+    assert segmod._vote([(0.0, math.inf, a, "A"), (0.3, 0.0, b, "B")])[2] is b
+    assert segmod._vote([(0.4, 0.0, a, "A")])[2] is a
+
+
+def test_candidate_sizes_that_give_the_same_pass_are_tried_once():
+    tries = [_info(20.0), _info(22.0), _info(60.0), _info(LADDER[0] / 2), _info(65.0)]
+    out = segmod._distinct_sizes(tries)
+    # 22 is within 1.25x of 20 and 65 of 60; a size under the ladder's smallest rung is noise
+    assert [t.diameter for t in out] == [20.0, 60.0]
+    assert segmod._mean_confidence(np.array([np.nan, 0.2, 0.4, np.nan])) == pytest.approx(0.3)
+    assert segmod._mean_confidence(np.array([np.nan])) == 0.0
+
+
+@pytest.fixture(scope="module")
+def disc_seg(tmp_path_factory):
+    from test_tasks import trained_checkpoint
+
+    return Segmenter.load(trained_checkpoint(tmp_path_factory.mktemp("vote")), device="cpu")
+
+
+def test_a_wrong_ladder_answer_loses_the_vote_to_the_right_size(disc_seg, monkeypatch):
+    """The tiny disc segmenter (network scale 32 px) on discs 17 px across: when the ladder
+    answers 3x too large with the right size as its next-best rung, the full passes find the
+    network more confident at the right size, which is used; with the margin out of reach the
+    ladder's answer stays."""
+    from test_tasks import disc_scene
+
+    image, truth = disc_scene()
+    true_d = 17.0
+    wrong = ScaleInfo(3 * true_d, "network", 32.0 / (3 * true_d), 0.3, (true_d,))
+
+    def fake_search(self, ref, config, info, report):
+        return wrong
+        yield  # a generator, as the real search
+
+    monkeypatch.setattr(Segmenter, "_search", fake_search)
+    cfg = disc_seg.default_infer_config(scale_band=(1.0, 1.0))
+    voted = run_to_end(disc_seg.segment(image, cfg))
+    assert voted.scale.diameter == pytest.approx(true_d)
+    # half as sure as the ladder was of its own answer
+    assert voted.scale.confidence == pytest.approx(0.15)
+    # the Estimate button answers the size segment() uses
+    events = []
+    est = run_to_end(disc_seg.estimate_scale(image, cfg), events.append)
+    assert est.diameter == pytest.approx(true_d)
+    assert events and events[-1].step == events[-1].total
+    # a ladder at least as sure as vote_below is not checked: one pass at its answer
+    sure = run_to_end(disc_seg.segment(image, cfg.replace(vote_below=0.3)))
+    assert sure.scale.diameter == pytest.approx(3 * true_d)
+    monkeypatch.setattr(segmod, "VOTE_MARGIN", 10.0)  # no pass can beat the first
+    kept = run_to_end(disc_seg.segment(image, cfg))
+    assert kept.scale.diameter == pytest.approx(3 * true_d)
+    # the particles of the pass used are the ones its confidence was measured on
+    assert np.nanmean(voted.confidence[1:]) > np.nanmean(kept.confidence[1:])
+    assert evaluate_pair(voted.labels, truth)["f1@0.5"] >= 0.8
+
+
+def test_vote_below_must_be_a_confidence():
+    from napari_sagegan.engine.config import InferConfig
+
+    with pytest.raises(ValueError, match="vote_below"):
+        InferConfig(vote_below=-0.1)
+    with pytest.raises(ValueError, match="vote_below"):
+        InferConfig(vote_below=float("nan"))
+    assert InferConfig().vote_below == 0.7
