@@ -359,10 +359,10 @@ class InferConfig(_Config):
         is under this, the whole image is segmented at each distinct candidate size and the
         network's confidence in the particles decides (``segment.VOTE_MARGIN``); at or above
         it, the ladder's answer is used with one pass. 0: never vote (one pass per image);
-        above 1: always. The default 0.7 votes on about 60 % of EMPS micrographs (2.4-2.7
-        passes per image instead of 3.4-3.8 for always) and kept the gain of always voting
-        on the 45 leave-source-out images (mean F1@0.5 0.742 either way, from 0.612 with one
-        pass at the ladder's answer), chosen on 40 EMPS training images (0.769 vs 0.780).
+        above 1: always. The default 0.7 was chosen in an exploratory run on 40 EMPS
+        training images (script not in the repository) as most of always voting's gain for
+        about a third fewer passes; with it the leave-source-out images reach a mean F1@0.5
+        of 0.742 with the size found (0.590 before the vote; ``benchmarks/bench_size.py``).
 
     ``tile_size`` and ``min_size`` are in network pixels when the image is resampled.
     """

@@ -115,9 +115,10 @@ class SegmentResult:
 
 #: How much more confident (mean per-particle confidence, :mod:`.confidence`) the network
 #: must be in the particles of another candidate size than in those of the scale ladder's
-#: answer for that size to be used. Chosen on 40 EMPS training images (the best of 0, 0.02,
-#: 0.05, 0.1, 0.15) and checked on the 45 leave-source-out images: the vote raised the mean
-#: F1@0.5 with the size found from 0.59 to 0.74 there (benchmarks/bench_size.py).
+#: answer for that size to be used. Chosen in an exploratory run on 40 EMPS training images
+#: (the best of 0, 0.02, 0.05, 0.1, 0.15; that script is not in the repository); on the 45
+#: leave-source-out images the vote raised the mean F1@0.5 with the size found from 0.590
+#: to 0.742 (`python benchmarks/bench_size.py --model default`).
 VOTE_MARGIN = 0.02
 #: Candidate sizes closer than this factor to one already tried give the same pass.
 _SAME_SIZE = 1.25
@@ -363,8 +364,12 @@ class Segmenter:
         yx = tuple(int(v) for v in ref.shape[-2:])
         rungs = self._rungs(yx)
         found = yield from self._search(ref, config, info, lambda ev: ev)
-        if found.source != "network" or found.diameter is None:
-            return found
+        if (
+            found.source != "network"
+            or found.diameter is None
+            or len(self._size_candidates(found, config)) < 2
+        ):
+            return found  # nothing to vote on: no full pass
         # the check segment() makes: the candidate sizes in full, the most confident wins
         state = {"done": rungs, "total": rungs + self._tiles(yx, config, found.factor)}
 
@@ -642,6 +647,23 @@ class Segmenter:
         measured = median_diameter(lab, min_area=min_area)
         return abs(math.log(measured / info.diameter)) if measured else math.inf
 
+    def _size_candidates(self, info: ScaleInfo, config: InferConfig) -> list[ScaleInfo]:
+        """The sizes :meth:`_vote_sizes` segments in full: the ladder's answer, then (when
+        the ladder is less sure than ``config.vote_below``) its alternatives, distinct."""
+        if (config.refine_scale and not config.scale_search) or (
+            info.confidence >= config.vote_below
+        ):
+            return [info]  # no vote: one pass at the ladder's answer
+        return _distinct_sizes(
+            [info]
+            + [
+                ScaleInfo(
+                    d, info.source, band_factor(d, self.target_diameter, config.scale_band), 0.0
+                )
+                for d in info.alternatives
+            ]
+        )
+
     def _vote_sizes(
         self,
         ref: Any,
@@ -658,15 +680,7 @@ class Segmenter:
         confidence in the particles it cut decides (:func:`_vote`). Returns the chosen size,
         its pass's agreement cost (:meth:`_agreement`) and its pass (``(labels, maps,
         excluded, n_missing)``); ``state["done"]`` / ``state["total"]`` count the tiles."""
-        tries = [info] + [
-            ScaleInfo(d, info.source, band_factor(d, self.target_diameter, config.scale_band), 0.0)
-            for d in info.alternatives
-        ]
-        if (config.refine_scale and not config.scale_search) or (
-            info.confidence >= config.vote_below
-        ):
-            tries = [info]  # no vote: one pass at the ladder's answer
-        tries = _distinct_sizes(tries)
+        tries = self._size_candidates(info, config)
         has_dist = self.model.config.dist_head
         passes: list[tuple[float, float, ScaleInfo, Any]] = []
         for k, cand in enumerate(tries):
@@ -677,11 +691,15 @@ class Segmenter:
             state["done"] += n_t
             min_area = max(1, int(round(config.min_size / cand.factor**2)))
             cost = self._agreement(out[0], cand, min_area)
-            maps = out[1]
-            conf = particle_confidence(
-                out[0], maps[0], maps[1] if has_dist else None, threshold=config.threshold
-            )
-            passes.append((_mean_confidence(conf), cost, cand, out))
+            vote = 0.0
+            if len(tries) > 1:  # a vote to hold: how sure the network is of these particles
+                maps = out[1]
+                vote = _mean_confidence(
+                    particle_confidence(
+                        out[0], maps[0], maps[1] if has_dist else None, threshold=config.threshold
+                    )
+                )
+            passes.append((vote, cost, cand, out))
             if not config.scale_search:
                 break
             if len(passes) > 2:  # keep the first pass and the best other one (memory)
