@@ -147,6 +147,7 @@ from napari_sagegan.engine.nets.attention_unet import AttentionUNet
 from napari_sagegan.util.progress import run_to_end
 from napari_sagegan.engine.infer.segment import Segmenter
 path, size, diameter = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]) or None
+vote = sys.argv[4] == "1"  # every candidate size segmented in full: the vote's worst case
 img = np.memmap(path, dtype=np.uint8, mode="r", shape=(size, size))
 from napari_sagegan.engine.checkpoint import default_model_path
 torch.manual_seed(0)
@@ -154,11 +155,20 @@ if default_model_path().is_file():  # the bundled model: real particles, real po
     seg = Segmenter.load("default", device="cpu")
 else:
     seg = Segmenter(AttentionUNet(preset("default")), device="cpu")
+passes = []
+plane = seg._plane
+def counted(*a, **k):
+    passes.append(1)
+    return plane(*a, **k)
+seg._plane = counted
+cfg = seg.default_infer_config(diameter=diameter)  # defaults
+if vote:
+    cfg = cfg.replace(vote_below=1.01, vote_stop=1.01)
 t = time.perf_counter()
-res = run_to_end(seg.segment(img, seg.default_infer_config(diameter=diameter)))  # defaults
+res = run_to_end(seg.segment(img, cfg))
 dt = time.perf_counter() - t
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, dt, int(res.labels.max()),
-      res.scale.factor)
+      res.scale.factor, len(passes))
 """
 
 
@@ -180,7 +190,9 @@ def default_tiling() -> str:
     )
 
 
-def bench_memory(size: int, diameter: float = 0.0, kind: str = "tem_hex") -> list:
+def bench_memory(
+    size: int, diameter: float = 0.0, kind: str = "tem_hex", vote: bool = False
+) -> list:
     from napari_sagegan.engine.synthetic.render import make_sample
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -196,13 +208,23 @@ def bench_memory(size: int, diameter: float = 0.0, kind: str = "tem_hex") -> lis
         mm.flush()
         del mm
         out = subprocess.run(
-            [sys.executable, "-c", _MEMORY_CHILD, str(path), str(size), str(diameter)],
+            [
+                sys.executable,
+                "-c",
+                _MEMORY_CHILD,
+                str(path),
+                str(size),
+                str(diameter),
+                "1" if vote else "0",
+            ],  # fmt: skip
             capture_output=True,
             text=True,
             check=True,
         )
-    rss_mb, seconds, n, factor = out.stdout.split()
+    rss_mb, seconds, n, factor, n_passes = out.stdout.split()
     size_text = f"{diameter:g} px given" if diameter else "estimated"
+    if vote and not diameter:
+        size_text += f", every candidate size voted ({n_passes} full passes)"
     return [
         [
             f"{size}x{size} uint8 memmap ({kind})",
@@ -242,12 +264,19 @@ def main() -> None:
         action="store_true",
         help="only the memory run; keeps the throughput table in the docs",
     )
+    ap.add_argument(
+        "--memory-vote",
+        action="store_true",
+        help="with the size estimated, also a run with every candidate size segmented in "
+        "full (vote_below and vote_stop above 1): the vote's worst case for memory",
+    )
     args = ap.parse_args()
     if args.memory_only:
         mem = [
             row
             for d in args.memory_diameter
-            for row in bench_memory(args.memory_size, d, args.memory_kind)
+            for v in ((False, True) if args.memory_vote and not d else (False,))
+            for row in bench_memory(args.memory_size, d, args.memory_kind, v)
         ]
         mtable = markdown_table(
             ["input", "particle size", "model", "peak RSS (MB)", "seconds", "MP/s", "particles"],
@@ -261,7 +290,8 @@ def main() -> None:
                 f"Machine: {machine()}.\nCommand: `python benchmarks/bench_inference.py "
                 f"--memory-only --memory-size {args.memory_size} --memory-diameter "
                 f"{' '.join(f'{d:g}' for d in args.memory_diameter)} --memory-kind "
-                f"{args.memory_kind}`\n\nDefault tiling ({default_tiling()}); "
+                f"{args.memory_kind}{' --memory-vote' if args.memory_vote else ''}`\n\n"
+                f"Default tiling ({default_tiling()}); "
                 "0 = the particle size estimated (auto scale).\n\n" + mtable
             ),
         )
@@ -285,7 +315,8 @@ def main() -> None:
         mem = [
             row
             for d in args.memory_diameter
-            for row in bench_memory(args.memory_size, d, args.memory_kind)
+            for v in ((False, True) if args.memory_vote and not d else (False,))
+            for row in bench_memory(args.memory_size, d, args.memory_kind, v)
         ]
         mtable = markdown_table(
             ["input", "particle size", "model", "peak RSS (MB)", "seconds", "MP/s", "particles"],

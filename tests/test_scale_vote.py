@@ -63,7 +63,7 @@ def test_a_wrong_ladder_answer_loses_the_vote_to_the_right_size(disc_seg, monkey
         yield  # a generator, as the real search
 
     monkeypatch.setattr(Segmenter, "_search", fake_search)
-    cfg = disc_seg.default_infer_config(scale_band=(1.0, 1.0))
+    cfg = disc_seg.default_infer_config(scale_band=(1.0, 1.0), vote_stop=1.01)
     voted = run_to_end(disc_seg.segment(image, cfg))
     assert voted.scale.diameter == pytest.approx(true_d)
     # half as sure as the ladder was of its own answer
@@ -76,6 +76,12 @@ def test_a_wrong_ladder_answer_loses_the_vote_to_the_right_size(disc_seg, monkey
     # a ladder at least as sure as vote_below is not checked: one pass at its answer
     sure = run_to_end(disc_seg.segment(image, cfg.replace(vote_below=0.3)))
     assert sure.scale.diameter == pytest.approx(3 * true_d)
+    # a first pass whose particles the network is sure enough of stops the vote there
+    stopped = run_to_end(disc_seg.segment(image, cfg.replace(vote_stop=0.0)))
+    assert stopped.scale.diameter == pytest.approx(3 * true_d)
+    first_conf = float(np.nanmean(stopped.confidence[1:]))
+    on = run_to_end(disc_seg.segment(image, cfg.replace(vote_stop=first_conf + 1e-3)))
+    assert on.scale.diameter == pytest.approx(true_d)
     monkeypatch.setattr(segmod, "VOTE_MARGIN", 10.0)  # no pass can beat the first
     kept = run_to_end(disc_seg.segment(image, cfg))
     assert kept.scale.diameter == pytest.approx(3 * true_d)
@@ -91,4 +97,107 @@ def test_vote_below_must_be_a_confidence():
         InferConfig(vote_below=-0.1)
     with pytest.raises(ValueError, match="vote_below"):
         InferConfig(vote_below=float("nan"))
+    with pytest.raises(ValueError, match="vote_stop"):
+        InferConfig(vote_stop=-1.0)
     assert InferConfig().vote_below == 0.7
+
+
+def test_the_vote_window_is_central_and_the_same_image_pixels_for_every_size():
+    tries = [ScaleInfo(32.0, "network", 1.0, 0.3), ScaleInfo(16.0, "network", 2.0, 0.0)]
+    # 512 network pixels at the candidate enlarging most (x2): 256 image pixels a side
+    assert Segmenter._vote_box((1000, 600), tries, 512) == (372, 172, 628, 428)
+    # an axis shorter than the region is taken whole
+    assert Segmenter._vote_box((1000, 200), tries, 512) == (372, 0, 628, 200)
+    # no window, one candidate, or an image inside the region: the whole image votes
+    assert Segmenter._vote_box((1000, 600), tries, 0) is None
+    assert Segmenter._vote_box((1000, 600), tries[:1], 512) is None
+    assert Segmenter._vote_box((200, 250), tries, 512) is None
+    with pytest.raises(ValueError, match="vote_window"):
+        from napari_sagegan.engine.config import InferConfig
+
+        InferConfig(vote_window=-1)
+
+
+def test_particles_cut_by_the_window_edge_do_not_vote():
+    lab = np.zeros((10, 10), np.int32)
+    lab[0:3, 4:6] = 1  # touches the top edge
+    lab[5:7, 5:7] = 2  # inside
+    conf = np.array([np.nan, 0.1, 0.9])
+    cut = np.zeros((10, 10), bool)
+    cut[0, :] = True  # the top edge is inside the image
+    assert segmod._inner_confidence(lab, conf, cut) == pytest.approx(0.9)
+    # an edge that is the image's own cuts nothing: every particle votes
+    assert segmod._inner_confidence(lab, conf, np.zeros_like(cut)) == pytest.approx(0.5)
+
+
+def test_a_window_vote_chooses_as_the_whole_image_and_segments_all_of_it(disc_seg, monkeypatch):
+    """The disc scene with the ladder 3x wrong: voting on a central window (two whole discs,
+    the others cut by its edge) picks the right size as the whole-image vote does, and the
+    full pass at that size gives the same labels over the whole image."""
+    from test_tasks import disc_scene
+
+    image, truth = disc_scene()
+    wrong = ScaleInfo(51.0, "network", 32.0 / 51.0, 0.3, (17.0,))
+
+    def fake_search(self, ref, config, info, report):
+        return wrong
+        yield
+
+    monkeypatch.setattr(Segmenter, "_search", fake_search)
+    cfg = disc_seg.default_infer_config(scale_band=(1.0, 1.0), vote_stop=1.01)
+    whole = run_to_end(disc_seg.segment(image, cfg))
+    events = []
+    windowed = run_to_end(disc_seg.segment(image, cfg.replace(vote_window=180)), events.append)
+    assert windowed.scale.diameter == pytest.approx(17.0) == whole.scale.diameter
+    np.testing.assert_array_equal(windowed.labels, whole.labels)
+    assert int(windowed.labels.max()) == int(truth.max())  # the discs outside it too
+    assert events[-1].step == events[-1].total
+    assert all(e.step <= e.total for e in events)
+
+
+def test_the_running_vote_leads_as_the_vote_over_all_passes(monkeypatch):
+    monkeypatch.setattr(segmod, "VOTE_MARGIN", 0.02)
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        scores = list(rng.choice([0.0, 0.3, 0.31, 0.32, 0.5, 0.51, 0.7], size=rng.integers(1, 5)))
+        passes = [(v, 0.0, _info(10.0 + 10 * i), i) for i, v in enumerate(scores)]
+        lead = 0
+        for i, v in enumerate(scores[1:], 1):
+            if segmod._leads(v, scores[0], scores[lead] if lead else None):
+                lead = i
+        assert segmod._vote(passes)[3] == lead, scores
+
+
+def test_a_large_image_keeps_one_pass_and_segments_the_winner_again(disc_seg, monkeypatch):
+    """Above _VOTE_KEEP_PIXELS the vote keeps no pass but the running one: when the winner
+    is not the last size tried, its pass is run again, to the same labels."""
+    from test_tasks import disc_scene
+
+    image, _ = disc_scene()
+    # the right size (17 px) second of three: the winner is not the last pass
+    wrong = ScaleInfo(51.0, "network", 32.0 / 51.0, 0.3, (17.0, 36.0))
+
+    def fake_search(self, ref, config, info, report):
+        return wrong
+        yield
+
+    monkeypatch.setattr(Segmenter, "_search", fake_search)
+    cfg = disc_seg.default_infer_config(scale_band=(1.0, 1.0), vote_stop=1.01)
+    sizes = []
+    plane = disc_seg._plane
+
+    def counted(p, config, info, *a, **k):
+        sizes.append(info.diameter)
+        return plane(p, config, info, *a, **k)
+
+    monkeypatch.setattr(disc_seg, "_plane", counted)
+    kept = run_to_end(disc_seg.segment(image, cfg))
+    assert kept.scale.diameter == pytest.approx(17.0)
+    assert sizes == [51.0, 17.0, 36.0]
+    sizes.clear()
+    monkeypatch.setattr(segmod, "_VOTE_KEEP_PIXELS", 0)
+    events = []
+    again = run_to_end(disc_seg.segment(image, cfg), events.append)
+    assert sizes == [51.0, 17.0, 36.0, 17.0]
+    np.testing.assert_array_equal(again.labels, kept.labels)
+    assert events[-1].step == events[-1].total

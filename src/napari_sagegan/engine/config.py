@@ -323,7 +323,8 @@ class InferConfig(_Config):
         estimate being only a first guess; then segment the whole image at each distinct
         candidate (the answer, the next-best rungs, the classical estimate) and keep the
         answer unless the network is clearly more confident in another's particles
-        (``segment.VOTE_MARGIN``), when the ladder's confidence is under ``vote_below``.
+        (``segment.VOTE_MARGIN``), when the ladder's confidence is under ``vote_below`` and
+        the network is not already sure of the answer's particles (``vote_stop``).
         Off: the classical estimate alone.
     exclude_annotations : bool
         Detect burned-in scale bars, their labels, panel letters and SEM data bars, and
@@ -361,8 +362,27 @@ class InferConfig(_Config):
         it, the ladder's answer is used with one pass. 0: never vote (one pass per image);
         above 1: always. The default 0.7 was chosen in an exploratory run on 40 EMPS
         training images (script not in the repository) as most of always voting's gain for
-        about a third fewer passes; with it the leave-source-out images reach a mean F1@0.5
+        about a third fewer passes (``benchmarks/bench_vote.py`` compares it with always); with it the leave-source-out images reach a mean F1@0.5
         of 0.742 with the size found (0.590 before the vote; ``benchmarks/bench_size.py``).
+    vote_window : int
+        The vote's region: 0, the whole image at every candidate size; else a central
+        region whose side is this many network pixels at the candidate that enlarges the
+        image most (the same image pixels for every candidate, its particles cut by the
+        region's edge not counted), and then one full pass at the size chosen. An image
+        that fits in the region is voted on whole, its passes reused. Cheaper on large
+        images but less accurate: on EMPS images a window of 1024 lost 0.15 (training
+        articles) and 0.09 (leave-source-out) of mean F1@0.5 against the whole image
+        (``benchmarks/bench_vote.py``); for very large images whose particles fill them
+        evenly, not a default.
+    vote_stop : float
+        The vote's first pass is at the ladder's answer; when the network's mean confidence
+        in its particles (:mod:`~napari_sagegan.engine.infer.confidence`) is at least this,
+        the other sizes are not tried. Above 1: they always are. The default 0.6 comes from
+        ``python benchmarks/bench_vote.py`` (section ``bench-vote`` of docs/benchmarks.md):
+        on 40 EMPS training images, stopping at 0.5 or 0.6 loses no F1@0.5 against never
+        stopping (0.701 vs 0.700 mean), 0.4 loses pooled F1, and 0.6 is the more cautious of
+        the two; on the 45 leave-source-out images it keeps the mean F1@0.5 of never
+        stopping (0.742) in 1.39x the time of no vote instead of 2.02x (0.5: 0.729).
 
     ``tile_size`` and ``min_size`` are in network pixels when the image is resampled.
     """
@@ -385,12 +405,25 @@ class InferConfig(_Config):
     scale_band: tuple[float, float] = (1.0, 1.0)
     precision: str = "auto"
     vote_below: float = 0.7
+    vote_window: int = 0
+    vote_stop: float = 0.6
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.vote_below):
             raise ValueError(
                 "vote_below is the scale ladder's confidence under which full passes at the "
                 f"candidate sizes vote, in [0, 1] (0: never, above 1: always), got {self.vote_below}"
+            )
+        if not 0.0 <= float(self.vote_stop):
+            raise ValueError(
+                "vote_stop is the particle confidence of the first pass at which the vote "
+                f"stops, >= 0 (above 1: never), got {self.vote_stop!r}"
+            )
+        if int(self.vote_window) != self.vote_window or not 0 <= self.vote_window:
+            raise ValueError(
+                "vote_window is the side, in network pixels, of the central region the "
+                "candidate sizes vote on, a whole number >= 0 (0: the whole image), got "
+                f"{self.vote_window!r}"
             )
         if self.tile_size < 16:
             raise ValueError(f"tile_size must be at least 16 pixels, got {self.tile_size}")

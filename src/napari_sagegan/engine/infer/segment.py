@@ -49,6 +49,9 @@ from .tiling import _resolve_range, n_tiles, predict_tiled
 
 #: Above this many pixels per slice the probability maps are kept as float16.
 _HALF_MAPS_PIXELS = 16_000_000
+#: Above this many pixels per slice the size vote keeps no pass but the one running (the
+#: winner's is computed again), so its peak memory is one pass's.
+_VOTE_KEEP_PIXELS = 16_000_000
 #: Whether the scale search measures the particles of a crop it shrinks on the network's
 #: grid (:meth:`Segmenter._network_crop_labels`) rather than on the crop's: 20 % less time
 #: per search and the same rungs (sizes within 0.8 % on 23 EMPS and generated images), but
@@ -66,8 +69,11 @@ _DEFAULT_TILE = InferConfig.__dataclass_fields__["tile_size"].default
 #: InferConfig fields that describe the machine, not the model: a checkpoint's stored
 #: values (the defaults of the version that wrote it) are not used.
 _RUNTIME_FIELDS = frozenset(
-    {"tile_size", "overlap", "batch_size", "device", "engine", "precision", "vote_below"}
-)
+    {
+        "tile_size", "overlap", "batch_size", "device", "engine", "precision",
+        "vote_below", "vote_window", "vote_stop",
+    }
+)  # fmt: skip
 
 
 @dataclass
@@ -116,7 +122,9 @@ class SegmentResult:
 #: How much more confident (mean per-particle confidence, :mod:`.confidence`) the network
 #: must be in the particles of another candidate size than in those of the scale ladder's
 #: answer for that size to be used. Chosen in an exploratory run on 40 EMPS training images
-#: (the best of 0, 0.02, 0.05, 0.1, 0.15; that script is not in the repository); on the 45
+#: (the best of 0, 0.02, 0.05, 0.1, 0.15; that script is not in the repository, and
+#: ``python benchmarks/bench_vote.py --margins 0,0.05,0.1,0.15`` now makes the same
+#: comparison, not rerun yet); on the 45
 #: leave-source-out images the vote raised the mean F1@0.5 with the size found from 0.590
 #: to 0.742 (`python benchmarks/bench_size.py --model default`).
 VOTE_MARGIN = 0.02
@@ -145,6 +153,24 @@ def _mean_confidence(conf: np.ndarray) -> float:
     vals = np.asarray(conf[1:], dtype=np.float64)
     vals = vals[np.isfinite(vals)]
     return float(vals.mean()) if vals.size else 0.0
+
+
+def _inner_confidence(labels: np.ndarray, conf: np.ndarray, cut: np.ndarray) -> float:
+    """:func:`_mean_confidence` of the particles of ``labels`` that touch no pixel of
+    ``cut`` (a region's edges inside the image, where the region cuts particles)."""
+    if not cut.any():
+        return _mean_confidence(conf)
+    from skimage.segmentation import clear_border
+
+    kept = np.unique(clear_border(labels, mask=~cut))
+    return _mean_confidence(conf[np.concatenate(([0], kept[kept > 0]))])
+
+
+def _leads(vote: float, first: float, leader: float | None) -> bool:
+    """Whether a pass scoring ``vote`` takes the lead of a vote (as :func:`_vote` decides
+    over all passes at once): it beats the first pass's ``first`` by :data:`VOTE_MARGIN`
+    and the leading other pass's ``leader`` (``None``: the first pass leads)."""
+    return vote > first + VOTE_MARGIN and (leader is None or vote > leader)
 
 
 def _vote(passes: list[tuple[float, float, ScaleInfo, Any]]) -> tuple[float, float, ScaleInfo, Any]:
@@ -676,14 +702,26 @@ class Segmenter:
         yx: tuple[int, int],
     ) -> Generator[Progress, None, tuple[ScaleInfo, float, Any]]:
         """The full pass checks the size: every distinct candidate (the ladder's answer,
-        its alternatives, the classical estimate) is segmented in full and the network's own
-        confidence in the particles it cut decides (:func:`_vote`). Returns the chosen size,
+        its alternatives, the classical estimate) is segmented in full (on a central region
+        with ``config.vote_window``) and the network's own confidence in the particles it
+        cut decides (:func:`_vote`); a first pass whose particles reach
+        ``config.vote_stop`` ends the vote. Returns the chosen size,
         its pass's agreement cost (:meth:`_agreement`) and its pass (``(labels, maps,
         excluded, n_missing)``); ``state["done"]`` / ``state["total"]`` count the tiles."""
         tries = self._size_candidates(info, config)
+        box = self._vote_box(yx, tries, config.vote_window)
+        if box is not None:
+            return (yield from self._vote_on_window(
+                ref, config, tries, box, with_attention, report, value_range, state, yx
+            ))  # fmt: skip
         has_dist = self.model.config.dist_head
-        passes: list[tuple[float, float, ScaleInfo, Any]] = []
+        # memory: the first pass's score and the leading pass (its output dropped before
+        # the next pass on a large image, and computed again if it wins)
+        large = yx[0] * yx[1] > _VOTE_KEEP_PIXELS
+        first_vote, leader, out = 0.0, None, None
         for k, cand in enumerate(tries):
+            if large and leader is not None:
+                leader = (*leader[:3], None)
             n_t = self._tiles(yx, config, cand.factor)
             if k:
                 state["total"] += n_t
@@ -693,19 +731,88 @@ class Segmenter:
             cost = self._agreement(out[0], cand, min_area)
             vote = 0.0
             if len(tries) > 1:  # a vote to hold: how sure the network is of these particles
-                maps = out[1]
                 vote = _mean_confidence(
                     particle_confidence(
-                        out[0], maps[0], maps[1] if has_dist else None, threshold=config.threshold
+                        out[0], out[1][0], out[1][1] if has_dist else None,
+                        threshold=config.threshold,
                     )
-                )
-            passes.append((vote, cost, cand, out))
-            if not config.scale_search:
-                break
-            if len(passes) > 2:  # keep the first pass and the best other one (memory)
-                passes = [passes[0], max(passes[1:], key=lambda t: t[0])]
-        _, cost, chosen, out = _vote(passes)
+                )  # fmt: skip
+            if k == 0:
+                first_vote, leader = vote, (vote, cost, cand, out)
+                if not config.scale_search or vote >= config.vote_stop:
+                    break  # no search, or the network is sure enough of the first pass
+            elif _leads(vote, first_vote, leader[0] if leader[2] is not tries[0] else None):
+                leader = (vote, cost, cand, out)
+            out = None
+        _, cost, chosen, out = leader
+        if out is None:  # a large image's winner, not kept: its pass again
+            n_t = self._tiles(yx, config, chosen.factor)
+            state["total"] += n_t
+            out = yield from self._plane(ref, config, chosen, with_attention, report, value_range)
+            state["done"] += n_t
         return chosen, cost, out
+
+    @staticmethod
+    def _vote_box(
+        yx: tuple[int, int], tries: list[ScaleInfo], window: int
+    ) -> tuple[int, int, int, int] | None:
+        """The central region ``(y0, x0, y1, x1)`` the candidate sizes vote on, of
+        ``window`` network pixels a side at the candidate that enlarges the image most;
+        ``None`` when the vote is on the whole image (no window, nothing to vote on, or an
+        image no larger than the region)."""
+        if not window or len(tries) < 2:
+            return None
+        side = int(round(window / max(t.factor for t in tries)))
+        h, w = yx
+        if h <= side and w <= side:
+            return None
+        sh, sw = min(h, side), min(w, side)
+        y0, x0 = (h - sh) // 2, (w - sw) // 2
+        return y0, x0, y0 + sh, x0 + sw
+
+    def _vote_on_window(
+        self,
+        ref: Any,
+        config: InferConfig,
+        tries: list[ScaleInfo],
+        box: tuple[int, int, int, int],
+        with_attention: bool,
+        report,
+        value_range: tuple[float, float] | None,
+        state: dict[str, int],
+        yx: tuple[int, int],
+    ) -> Generator[Progress, None, tuple[ScaleInfo, float, Any]]:
+        """:meth:`_vote_sizes` on the region ``box`` of ``ref``: every candidate segments
+        it (grey levels mapped by the whole image's range), the particles its edge cuts left
+        out where it is inside the image, and :func:`_vote` decides; then one full pass at
+        the size chosen."""
+        y0, x0, y1, x1 = box
+        window = np.asarray(ref[y0:y1, x0:x1])
+        lo, hi, _ = _resolve_range(ref, value_range)
+        has_dist = self.model.config.dist_head
+        cut = np.zeros(window.shape, bool)  # the region's edges that are not the image's
+        cut[0, :], cut[-1, :] = y0 > 0, y1 < yx[0]
+        cut[:, 0] |= x0 > 0
+        cut[:, -1] |= x1 < yx[1]
+        passes: list[tuple[float, float, ScaleInfo, Any]] = []
+        for cand in tries:
+            n_t = self._tiles(window.shape, config, cand.factor)
+            state["total"] += n_t
+            lab, maps, _, _ = yield from self._plane(window, config, cand, False, report, (lo, hi))
+            state["done"] += n_t
+            conf = particle_confidence(
+                lab, maps[0], maps[1] if has_dist else None, threshold=config.threshold
+            )
+            passes.append((_inner_confidence(lab, conf, cut), 0.0, cand, None))
+            if cand is tries[0] and passes[0][0] >= config.vote_stop:
+                break  # sure enough of the ladder's answer (as on the whole image)
+        _, _, chosen, _ = _vote(passes)
+        n_t = self._tiles(yx, config, chosen.factor)
+        state["total"] += n_t - self._tiles(yx, config, tries[0].factor)  # counted at the first
+        out = yield from self._plane(ref, config, chosen, with_attention, report, value_range)
+        state["done"] += n_t
+        min_area = max(1, int(round(config.min_size / chosen.factor**2)))
+        return chosen, self._agreement(out[0], chosen, min_area), out
 
     def segment(
         self,
