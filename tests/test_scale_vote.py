@@ -201,3 +201,13 @@ def test_a_large_image_keeps_one_pass_and_segments_the_winner_again(disc_seg, mo
     assert sizes == [51.0, 17.0, 36.0, 17.0]
     np.testing.assert_array_equal(again.labels, kept.labels)
     assert events[-1].step == events[-1].total
+    # the Estimate button wants the size alone: no pass again
+    sizes.clear()
+    est = run_to_end(disc_seg.estimate_scale(image, cfg))
+    assert est.diameter == pytest.approx(17.0)
+    assert sizes == [51.0, 17.0, 36.0]
+    # nor after a vote on a window (three window passes, no full one)
+    sizes.clear()
+    est = run_to_end(disc_seg.estimate_scale(image, cfg.replace(vote_window=180)))
+    assert est.diameter == pytest.approx(17.0)
+    assert sizes == [51.0, 17.0, 36.0]

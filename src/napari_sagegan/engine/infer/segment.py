@@ -408,7 +408,7 @@ class Segmenter:
             )
 
         chosen, _, _ = yield from self._vote_sizes(
-            ref, config, found, False, report, None, state, yx
+            ref, config, found, False, report, None, state, yx, need_pass=False
         )
         return _as_answer(chosen, found)
 
@@ -700,6 +700,7 @@ class Segmenter:
         value_range: tuple[float, float] | None,
         state: dict[str, int],
         yx: tuple[int, int],
+        need_pass: bool = True,
     ) -> Generator[Progress, None, tuple[ScaleInfo, float, Any]]:
         """The full pass checks the size: every distinct candidate (the ladder's answer,
         its alternatives, the classical estimate) is segmented in full (on a central region
@@ -707,12 +708,15 @@ class Segmenter:
         cut decides (:func:`_vote`); a first pass whose particles reach
         ``config.vote_stop`` ends the vote. Returns the chosen size,
         its pass's agreement cost (:meth:`_agreement`) and its pass (``(labels, maps,
-        excluded, n_missing)``); ``state["done"]`` / ``state["total"]`` count the tiles."""
+        excluded, n_missing)``, ``None`` when a large image's winner was not kept and
+        ``need_pass`` is false: the size alone is wanted); ``state["done"]`` /
+        ``state["total"]`` count the tiles."""
         tries = self._size_candidates(info, config)
         box = self._vote_box(yx, tries, config.vote_window)
         if box is not None:
             return (yield from self._vote_on_window(
-                ref, config, tries, box, with_attention, report, value_range, state, yx
+                ref, config, tries, box, with_attention, report, value_range, state, yx,
+                need_pass,
             ))  # fmt: skip
         has_dist = self.model.config.dist_head
         # memory: the first pass's score and the leading pass (its output dropped before
@@ -745,7 +749,7 @@ class Segmenter:
                 leader = (vote, cost, cand, out)
             out = None
         _, cost, chosen, out = leader
-        if out is None:  # a large image's winner, not kept: its pass again
+        if out is None and need_pass:  # a large image's winner, not kept: its pass again
             n_t = self._tiles(yx, config, chosen.factor)
             state["total"] += n_t
             out = yield from self._plane(ref, config, chosen, with_attention, report, value_range)
@@ -781,11 +785,12 @@ class Segmenter:
         value_range: tuple[float, float] | None,
         state: dict[str, int],
         yx: tuple[int, int],
+        need_pass: bool = True,
     ) -> Generator[Progress, None, tuple[ScaleInfo, float, Any]]:
         """:meth:`_vote_sizes` on the region ``box`` of ``ref``: every candidate segments
         it (grey levels mapped by the whole image's range), the particles its edge cuts left
         out where it is inside the image, and :func:`_vote` decides; then one full pass at
-        the size chosen."""
+        the size chosen (none without ``need_pass``: the size alone)."""
         y0, x0, y1, x1 = box
         window = np.asarray(ref[y0:y1, x0:x1])
         lo, hi, _ = _resolve_range(ref, value_range)
@@ -807,6 +812,8 @@ class Segmenter:
             if cand is tries[0] and passes[0][0] >= config.vote_stop:
                 break  # sure enough of the ladder's answer (as on the whole image)
         _, _, chosen, _ = _vote(passes)
+        if not need_pass:
+            return chosen, math.inf, None
         n_t = self._tiles(yx, config, chosen.factor)
         state["total"] += n_t - self._tiles(yx, config, tries[0].factor)  # counted at the first
         out = yield from self._plane(ref, config, chosen, with_attention, report, value_range)
