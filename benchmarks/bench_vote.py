@@ -9,9 +9,7 @@ segments the image at each distinct candidate size (the scale ladder's answer, i
 next-best rungs, the classical estimate) when the ladder's confidence is under
 ``InferConfig.vote_below``, and keeps the size whose particles the network is most confident
 in (by more than ``segment.VOTE_MARGIN``). ``InferConfig.vote_stop`` skips the other sizes
-when the network's mean confidence in the first pass's particles reaches it;
-``InferConfig.vote_window`` restricts the vote to a central region of that many network
-pixels a side, followed by one full pass at the size chosen.
+when the network's mean confidence in the first pass's particles reaches it.
 
 This script runs the default pipeline (``Segmenter.segment`` with the bundled model, size
 found) under several vote settings, every setting on each image in turn, on two sets:
@@ -49,13 +47,12 @@ from napari_sagegan.engine.infer.scale import median_diameter  # noqa: E402
 from napari_sagegan.engine.infer.segment import Segmenter  # noqa: E402
 from napari_sagegan.util.progress import run_to_end  # noqa: E402
 
-#: (label, vote_below, vote_window, vote_stop, margin or None for the module's).
+#: (label, vote_below, vote_stop, margin or None for the module's).
 SETTINGS = (
-    ("no vote", 0.0, 0, 1.01, None),
-    ("vote below 0.7, whole image (before vote_stop)", 0.7, 0, 1.01, None),
-    ("vote below 0.7, first pass >= 0.6 stops it (default)", 0.7, 0, 0.6, None),
-    ("vote below 0.7, window 1024", 0.7, 1024, 1.01, None),
-    ("always vote, whole image", 1.01, 0, 1.01, None),
+    ("no vote", 0.0, 1.01, None),
+    ("vote below 0.7, whole image (before vote_stop)", 0.7, 1.01, None),
+    ("vote below 0.7, first pass >= 0.6 stops it (default)", 0.7, 0.6, None),
+    ("always vote, whole image", 1.01, 1.01, None),
 )
 
 
@@ -92,8 +89,8 @@ def run(seg: Segmenter, pairs, settings):
     seg._plane, segment_mod._vote = counted, recorded
     try:
         for _stem, img, gt in pairs:
-            for label, below, window, stop, margin in settings:
-                cfg = base.replace(vote_below=below, vote_window=window, vote_stop=stop)
+            for label, below, stop, margin in settings:
+                cfg = base.replace(vote_below=below, vote_stop=stop)
                 segment_mod.VOTE_MARGIN = default_margin if margin is None else margin
                 planes.clear()
                 firsts.clear()
@@ -148,8 +145,8 @@ def table(name: str, out, settings):
     none = out[settings[0][0]]
     t_none = sum(r["secs"] for r in none)
     rows = [_row(name, label, out[label], t_none) for label, *_ in settings]
-    for label, below, window, stop, margin in settings:
-        if below <= 0 or window or stop <= 1 or margin is not None:
+    for label, below, stop, margin in settings:
+        if below <= 0 or stop <= 1 or margin is not None:
             continue
         for c in STOP_AT:
             recs = [
@@ -175,7 +172,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     settings = list(SETTINGS)
     for m in filter(None, args.margins.split(",")):
-        settings.append((f"vote below 0.7, margin {float(m):g}", 0.7, 0, 0.6, float(m)))
+        settings.append((f"vote below 0.7, margin {float(m):g}", 0.7, 0.6, float(m)))
     limit = 6 if args.quick else None
     seg = Segmenter.load("default", device="cpu")
     t0 = time.time()

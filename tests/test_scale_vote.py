@@ -102,59 +102,6 @@ def test_vote_below_must_be_a_confidence():
     assert InferConfig().vote_below == 0.7
 
 
-def test_the_vote_window_is_central_and_the_same_image_pixels_for_every_size():
-    tries = [ScaleInfo(32.0, "network", 1.0, 0.3), ScaleInfo(16.0, "network", 2.0, 0.0)]
-    # 512 network pixels at the candidate enlarging most (x2): 256 image pixels a side
-    assert Segmenter._vote_box((1000, 600), tries, 512) == (372, 172, 628, 428)
-    # an axis shorter than the region is taken whole
-    assert Segmenter._vote_box((1000, 200), tries, 512) == (372, 0, 628, 200)
-    # no window, one candidate, or an image inside the region: the whole image votes
-    assert Segmenter._vote_box((1000, 600), tries, 0) is None
-    assert Segmenter._vote_box((1000, 600), tries[:1], 512) is None
-    assert Segmenter._vote_box((200, 250), tries, 512) is None
-    with pytest.raises(ValueError, match="vote_window"):
-        from napari_sagegan.engine.config import InferConfig
-
-        InferConfig(vote_window=-1)
-
-
-def test_particles_cut_by_the_window_edge_do_not_vote():
-    lab = np.zeros((10, 10), np.int32)
-    lab[0:3, 4:6] = 1  # touches the top edge
-    lab[5:7, 5:7] = 2  # inside
-    conf = np.array([np.nan, 0.1, 0.9])
-    cut = np.zeros((10, 10), bool)
-    cut[0, :] = True  # the top edge is inside the image
-    assert segmod._inner_confidence(lab, conf, cut) == pytest.approx(0.9)
-    # an edge that is the image's own cuts nothing: every particle votes
-    assert segmod._inner_confidence(lab, conf, np.zeros_like(cut)) == pytest.approx(0.5)
-
-
-def test_a_window_vote_chooses_as_the_whole_image_and_segments_all_of_it(disc_seg, monkeypatch):
-    """The disc scene with the ladder 3x wrong: voting on a central window (two whole discs,
-    the others cut by its edge) picks the right size as the whole-image vote does, and the
-    full pass at that size gives the same labels over the whole image."""
-    from test_tasks import disc_scene
-
-    image, truth = disc_scene()
-    wrong = ScaleInfo(51.0, "network", 32.0 / 51.0, 0.3, (17.0,))
-
-    def fake_search(self, ref, config, info, report):
-        return wrong
-        yield
-
-    monkeypatch.setattr(Segmenter, "_search", fake_search)
-    cfg = disc_seg.default_infer_config(scale_band=(1.0, 1.0), vote_stop=1.01)
-    whole = run_to_end(disc_seg.segment(image, cfg))
-    events = []
-    windowed = run_to_end(disc_seg.segment(image, cfg.replace(vote_window=180)), events.append)
-    assert windowed.scale.diameter == pytest.approx(17.0) == whole.scale.diameter
-    np.testing.assert_array_equal(windowed.labels, whole.labels)
-    assert int(windowed.labels.max()) == int(truth.max())  # the discs outside it too
-    assert events[-1].step == events[-1].total
-    assert all(e.step <= e.total for e in events)
-
-
 def test_the_running_vote_leads_as_the_vote_over_all_passes(monkeypatch):
     monkeypatch.setattr(segmod, "VOTE_MARGIN", 0.02)
     rng = np.random.default_rng(3)
@@ -204,10 +151,5 @@ def test_a_large_image_keeps_one_pass_and_segments_the_winner_again(disc_seg, mo
     # the Estimate button wants the size alone: no pass again
     sizes.clear()
     est = run_to_end(disc_seg.estimate_scale(image, cfg))
-    assert est.diameter == pytest.approx(17.0)
-    assert sizes == [51.0, 17.0, 36.0]
-    # nor after a vote on a window (three window passes, no full one)
-    sizes.clear()
-    est = run_to_end(disc_seg.estimate_scale(image, cfg.replace(vote_window=180)))
     assert est.diameter == pytest.approx(17.0)
     assert sizes == [51.0, 17.0, 36.0]

@@ -362,18 +362,8 @@ class InferConfig(_Config):
         it, the ladder's answer is used with one pass. 0: never vote (one pass per image);
         above 1: always. The default 0.7 was chosen in an exploratory run on 40 EMPS
         training images (script not in the repository) as most of always voting's gain for
-        about a third fewer passes (``benchmarks/bench_vote.py`` compares it with always); with it the leave-source-out images reach a mean F1@0.5
-        of 0.742 with the size found (0.590 before the vote; ``benchmarks/bench_size.py``).
-    vote_window : int
-        The vote's region: 0, the whole image at every candidate size; else a central
-        region whose side is this many network pixels at the candidate that enlarges the
-        image most (the same image pixels for every candidate, its particles cut by the
-        region's edge not counted), and then one full pass at the size chosen. An image
-        that fits in the region is voted on whole, its passes reused. Cheaper on large
-        images but less accurate: on EMPS images a window of 1024 lost 0.15 (training
-        articles) and 0.09 (leave-source-out) of mean F1@0.5 against the whole image
-        (``benchmarks/bench_vote.py``); for very large images whose particles fill them
-        evenly, not a default.
+        about a third fewer passes (``benchmarks/bench_vote.py`` compares it with always);
+        with it the leave-source-out images reach a mean F1@0.5 of 0.742 with the size found (0.590 before the vote; ``benchmarks/bench_size.py``).
     vote_stop : float
         The vote's first pass is at the ladder's answer; when the network's mean confidence
         in its particles (:mod:`~napari_sagegan.engine.infer.confidence`) is at least this,
@@ -405,7 +395,6 @@ class InferConfig(_Config):
     scale_band: tuple[float, float] = (1.0, 1.0)
     precision: str = "auto"
     vote_below: float = 0.7
-    vote_window: int = 0
     vote_stop: float = 0.6
 
     def __post_init__(self) -> None:
@@ -418,12 +407,6 @@ class InferConfig(_Config):
             raise ValueError(
                 "vote_stop is the particle confidence of the first pass at which the vote "
                 f"stops, >= 0 (above 1: never), got {self.vote_stop!r}"
-            )
-        if int(self.vote_window) != self.vote_window or not 0 <= self.vote_window:
-            raise ValueError(
-                "vote_window is the side, in network pixels, of the central region the "
-                "candidate sizes vote on, a whole number >= 0 (0: the whole image), got "
-                f"{self.vote_window!r}"
             )
         if self.tile_size < 16:
             raise ValueError(f"tile_size must be at least 16 pixels, got {self.tile_size}")

@@ -71,7 +71,7 @@ _DEFAULT_TILE = InferConfig.__dataclass_fields__["tile_size"].default
 _RUNTIME_FIELDS = frozenset(
     {
         "tile_size", "overlap", "batch_size", "device", "engine", "precision",
-        "vote_below", "vote_window", "vote_stop",
+        "vote_below", "vote_stop",
     }
 )  # fmt: skip
 
@@ -153,17 +153,6 @@ def _mean_confidence(conf: np.ndarray) -> float:
     vals = np.asarray(conf[1:], dtype=np.float64)
     vals = vals[np.isfinite(vals)]
     return float(vals.mean()) if vals.size else 0.0
-
-
-def _inner_confidence(labels: np.ndarray, conf: np.ndarray, cut: np.ndarray) -> float:
-    """:func:`_mean_confidence` of the particles of ``labels`` that touch no pixel of
-    ``cut`` (a region's edges inside the image, where the region cuts particles)."""
-    if not cut.any():
-        return _mean_confidence(conf)
-    from skimage.segmentation import clear_border
-
-    kept = np.unique(clear_border(labels, mask=~cut))
-    return _mean_confidence(conf[np.concatenate(([0], kept[kept > 0]))])
 
 
 def _leads(vote: float, first: float, leader: float | None) -> bool:
@@ -703,21 +692,14 @@ class Segmenter:
         need_pass: bool = True,
     ) -> Generator[Progress, None, tuple[ScaleInfo, float, Any]]:
         """The full pass checks the size: every distinct candidate (the ladder's answer,
-        its alternatives, the classical estimate) is segmented in full (on a central region
-        with ``config.vote_window``) and the network's own confidence in the particles it
-        cut decides (:func:`_vote`); a first pass whose particles reach
+        its alternatives, the classical estimate) is segmented in full and the network's own
+        confidence in the particles it cut decides (:func:`_vote`); a first pass whose particles reach
         ``config.vote_stop`` ends the vote. Returns the chosen size,
         its pass's agreement cost (:meth:`_agreement`) and its pass (``(labels, maps,
         excluded, n_missing)``, ``None`` when a large image's winner was not kept and
         ``need_pass`` is false: the size alone is wanted); ``state["done"]`` /
         ``state["total"]`` count the tiles."""
         tries = self._size_candidates(info, config)
-        box = self._vote_box(yx, tries, config.vote_window)
-        if box is not None:
-            return (yield from self._vote_on_window(
-                ref, config, tries, box, with_attention, report, value_range, state, yx,
-                need_pass,
-            ))  # fmt: skip
         has_dist = self.model.config.dist_head
         # memory: the first pass's score and the leading pass (its output dropped before
         # the next pass on a large image, and computed again if it wins)
@@ -755,71 +737,6 @@ class Segmenter:
             out = yield from self._plane(ref, config, chosen, with_attention, report, value_range)
             state["done"] += n_t
         return chosen, cost, out
-
-    @staticmethod
-    def _vote_box(
-        yx: tuple[int, int], tries: list[ScaleInfo], window: int
-    ) -> tuple[int, int, int, int] | None:
-        """The central region ``(y0, x0, y1, x1)`` the candidate sizes vote on, of
-        ``window`` network pixels a side at the candidate that enlarges the image most;
-        ``None`` when the vote is on the whole image (no window, nothing to vote on, or an
-        image no larger than the region)."""
-        if not window or len(tries) < 2:
-            return None
-        side = int(round(window / max(t.factor for t in tries)))
-        h, w = yx
-        if h <= side and w <= side:
-            return None
-        sh, sw = min(h, side), min(w, side)
-        y0, x0 = (h - sh) // 2, (w - sw) // 2
-        return y0, x0, y0 + sh, x0 + sw
-
-    def _vote_on_window(
-        self,
-        ref: Any,
-        config: InferConfig,
-        tries: list[ScaleInfo],
-        box: tuple[int, int, int, int],
-        with_attention: bool,
-        report,
-        value_range: tuple[float, float] | None,
-        state: dict[str, int],
-        yx: tuple[int, int],
-        need_pass: bool = True,
-    ) -> Generator[Progress, None, tuple[ScaleInfo, float, Any]]:
-        """:meth:`_vote_sizes` on the region ``box`` of ``ref``: every candidate segments
-        it (grey levels mapped by the whole image's range), the particles its edge cuts left
-        out where it is inside the image, and :func:`_vote` decides; then one full pass at
-        the size chosen (none without ``need_pass``: the size alone)."""
-        y0, x0, y1, x1 = box
-        window = np.asarray(ref[y0:y1, x0:x1])
-        lo, hi, _ = _resolve_range(ref, value_range)
-        has_dist = self.model.config.dist_head
-        cut = np.zeros(window.shape, bool)  # the region's edges that are not the image's
-        cut[0, :], cut[-1, :] = y0 > 0, y1 < yx[0]
-        cut[:, 0] |= x0 > 0
-        cut[:, -1] |= x1 < yx[1]
-        passes: list[tuple[float, float, ScaleInfo, Any]] = []
-        for cand in tries:
-            n_t = self._tiles(window.shape, config, cand.factor)
-            state["total"] += n_t
-            lab, maps, _, _ = yield from self._plane(window, config, cand, False, report, (lo, hi))
-            state["done"] += n_t
-            conf = particle_confidence(
-                lab, maps[0], maps[1] if has_dist else None, threshold=config.threshold
-            )
-            passes.append((_inner_confidence(lab, conf, cut), 0.0, cand, None))
-            if cand is tries[0] and passes[0][0] >= config.vote_stop:
-                break  # sure enough of the ladder's answer (as on the whole image)
-        _, _, chosen, _ = _vote(passes)
-        if not need_pass:
-            return chosen, math.inf, None
-        n_t = self._tiles(yx, config, chosen.factor)
-        state["total"] += n_t - self._tiles(yx, config, tries[0].factor)  # counted at the first
-        out = yield from self._plane(ref, config, chosen, with_attention, report, value_range)
-        state["done"] += n_t
-        min_area = max(1, int(round(config.min_size / chosen.factor**2)))
-        return chosen, self._agreement(out[0], chosen, min_area), out
 
     def segment(
         self,
