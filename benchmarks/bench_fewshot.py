@@ -131,18 +131,28 @@ def score_model(seg: Segmenter, test, diameter: float) -> dict[str, float]:
     return mean_metrics(rows)
 
 
-def fine_tuned_score(trainer, test, diameter: float, decision: dict, after: dict) -> dict:
-    """The article's other images scored with the fine-tuned model whichever was kept (what
-    the never-worse choice gained or cost); ``after`` when it was kept."""
-    tuned = trainer.fine_tuned
-    if decision["kept"] == "fine-tuned" or tuned is None:
-        return after
+def _score_weights(trainer, weights: dict, test, diameter: float) -> dict:
     from napari_sagegan.engine.nets.attention_unet import AttentionUNet
 
     net = AttentionUNet(trainer.arch)
-    net.load_state_dict(tuned["state"])
-    info = {"infer": tuned["infer"].to_dict(), "target_diameter": tuned["target_diameter"]}
+    net.load_state_dict(weights["state"])
+    info = {"infer": weights["infer"].to_dict(), "target_diameter": weights["target_diameter"]}
     return score_model(Segmenter(net.eval(), device="cpu", checkpoint=info), test, diameter)
+
+
+def candidate_scores(trainer, test, diameter: float, decision: dict, after: dict) -> dict:
+    """The article's other images scored with the fine-tuned and the blended weights
+    whichever was kept (what the never-worse choice gained or cost); ``after`` for the one
+    that was kept."""
+    scores = {}
+    for key, name in (("fine_tuned", "fine-tuned"), ("blended", "blended")):
+        weights = getattr(trainer, key, None)
+        if weights is not None:
+            scores[key] = (
+                after if decision["kept"] == name
+                else _score_weights(trainer, weights, test, diameter)
+            )  # fmt: skip
+    return scores
 
 
 def run_episodes(args, base: Checkpoint) -> list[dict]:
@@ -171,14 +181,14 @@ def run_episodes(args, base: Checkpoint) -> list[dict]:
             decision = trained.result.decision or {"kept": "fine-tuned (no validation)"}
             after = score_model(Segmenter(ckpt.build(), device="cpu", checkpoint=ckpt), test,
                                 diameter)  # fmt: skip
-            tuned = fine_tuned_score(trained.trainer, test, diameter, decision, after)
+            others = candidate_scores(trained.trainer, test, diameter, decision, after)
             rows.append({
                 "article": article, "k": k, "n_test": len(test), "kept": decision["kept"],
-                "otsu": classic, "before": before, "after": after, "fine_tuned": tuned,
+                "otsu": classic, "before": before, "after": after, **others,
                 "band_particles": decision.get("validation_particles"),
                 "margin": decision.get("margin"),
                 "band": {key: {m: decision[key][m] for m in ("f1@0.5", "dice")}
-                         for key in ("base", "base_recalibrated", "fine_tuned")
+                         for key in ("base", "base_recalibrated", "blended", "fine_tuned")
                          if key in decision},
             })  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
@@ -193,10 +203,13 @@ def report(rows: list[dict], args, minutes: float, note: str) -> str:
     def tuned(r):
         return r.get("fine_tuned", r["after"])["f1@0.5"]
 
+    def blend(r):
+        return r["blended"]["f1@0.5"] if "blended" in r else float("nan")
+
     table = [
         [r["article"], r["k"], r["n_test"], r["otsu"]["f1@0.5"], r["before"]["f1@0.5"],
          r["after"]["f1@0.5"], r["otsu"]["dice"], r["before"]["dice"], r["after"]["dice"],
-         r.get("band_particles", ""), r["kept"], tuned(r)]
+         r.get("band_particles", ""), r["kept"], tuned(r), blend(r)]
         for r in sorted(rows, key=lambda r: (r["article"], r["k"]))
     ]  # fmt: skip
     shots = sorted({r["k"] for r in rows})
@@ -211,7 +224,7 @@ def report(rows: list[dict], args, minutes: float, note: str) -> str:
             mean("otsu", "f1@0.5"), mean("before", "f1@0.5"), mean("after", "f1@0.5"),
             mean("otsu", "dice"), mean("before", "dice"), mean("after", "dice"),
             "", f"worse than before on {sum(r['after']['f1@0.5'] < r['before']['f1@0.5'] for r in sel)}",
-            float(np.mean([tuned(r) for r in sel])),
+            float(np.mean([tuned(r) for r in sel])), float(np.mean([blend(r) for r in sel])),
         ])  # fmt: skip
     verdicts = []
     for k in shots:
@@ -227,7 +240,7 @@ def report(rows: list[dict], args, minutes: float, note: str) -> str:
             f"worse than the starting model on {worse} of {len(sel)} articles (goal: none): "
             f"goal {'met' if met else 'NOT met'}."
         )
-        held = [r for r in sel if r["kept"] != "fine-tuned"]
+        held = [r for r in sel if r["kept"].startswith("starting model")]
         if held:
             verdicts.append(
                 f"With {k} shot{'s' if k > 1 else ''} the choice kept the starting model "
@@ -238,9 +251,16 @@ def report(rows: list[dict], args, minutes: float, note: str) -> str:
                 f"been worse than the starting model on "
                 f"{sum(tuned(r) < r['before']['f1@0.5'] for r in held)}."
             )
+        if any("blended" in r for r in sel):
+            verdicts.append(
+                f"With {k} shot{'s' if k > 1 else ''} the blended weights were kept on "
+                f"{sum(r['kept'] == 'blended' for r in sel)} articles; kept always, they would "
+                f"have scored F1@0.5 {np.mean([blend(r) for r in sel]):.3f} and been worse than "
+                f"the starting model on {sum(blend(r) < r['before']['f1@0.5'] for r in sel)}."
+            )
     header = ["article", "k", "test images", "Otsu F1@0.5", "before F1@0.5", "after F1@0.5",
               "Otsu Dice", "before Dice", "after Dice", "band particles", "kept",
-              "fine-tuned F1@0.5"]  # fmt: skip
+              "fine-tuned F1@0.5", "blended F1@0.5"]  # fmt: skip
     md = markdown_table(header, table)
     print(md)
     cmd = (
@@ -262,9 +282,12 @@ Otsu + watershed has its polarity and marker distance tuned on the same k images
 the choice made on the validation band, which holds "band particles" particles: a replacement
 of the starting model must beat it there by more than one particle's worth of F1@0.5
 (`decision_margin`: 1 / particles, at least 0.02) with Dice at most 0.02 lower, or
-by more than 0.03 of Dice with F1@0.5 not lower. "fine-tuned
-F1@0.5" is the fine-tuned model on the other images whichever was kept: what the choice
-gained or cost.
+by more than 0.03 of Dice with F1@0.5 not lower. The candidates are the starting model
+(its own or re-calibrated thresholds), the fine-tuned model and the blended weights
+(`TrainConfig.blend`: halfway from the starting to the fine-tuned weights, re-calibrated;
+on a tie the one nearer the starting model is kept). "fine-tuned F1@0.5" and "blended
+F1@0.5" are those weights on the other images whichever was kept: what the choice gained
+or cost.
 
 {note}
 

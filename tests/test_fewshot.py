@@ -139,7 +139,7 @@ def test_fine_tune_recalibrates_and_saves_the_thresholds(base_model, tmp_path):
         base.get("seed_threshold", 0.5),
     )
     # the kept model scores what the decision says, and at least what the base scored
-    kept = {"fine-tuned": "fine_tuned", "starting model": "base"}.get(
+    kept = {"fine-tuned": "fine_tuned", "starting model": "base", "blended": "blended"}.get(
         outcome["kept"], "base_recalibrated"
     )
     assert saved["metrics"]["f1@0.5"] == pytest.approx(outcome[kept]["f1@0.5"])
@@ -181,13 +181,78 @@ def test_a_replacement_beats_the_starting_model_by_the_margin_of_the_band(base_m
         assert not clearly_better(outcome["fine_tuned"], base)
         assert not clearly_better(outcome["base_recalibrated"], base)
     else:
-        key = {"fine-tuned": "fine_tuned"}.get(outcome["kept"], "base_recalibrated")
+        key = {"fine-tuned": "fine_tuned", "blended": "blended"}.get(
+            outcome["kept"], "base_recalibrated"
+        )
         assert clearly_better(outcome[key], base)
     said = [e.message for e in events if e.stage == "choose"][-1]
     assert f"({n} particles: a replacement must score F1@0.5 more than {margin:.2f}" in said
     # the fine-tuned weights stay at hand whichever model is kept
     assert trained.trainer.fine_tuned is not None
     assert set(trained.trainer.fine_tuned) == {"state", "infer", "target_diameter"}
+
+
+def test_blend_states_interpolates_the_weights_and_keeps_the_counters():
+    from napari_sagegan.engine.nets.attention_unet import AttentionUNet
+    from napari_sagegan.engine.train.segmenter import blend_states
+
+    torch.manual_seed(0)
+    a, b = AttentionUNet(ARCH).state_dict(), AttentionUNet(ARCH).state_dict()
+    b = {k: v + 1 if v.is_floating_point() else v + 3 for k, v in b.items()}
+    mixed = blend_states(a, b, 0.25)
+    assert mixed.keys() == a.keys()
+    for k, v in mixed.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, 0.75 * a[k] + 0.25 * b[k])
+        else:  # batch-norm step counters: the fine-tuned model's
+            assert torch.equal(v, b[k])
+    other = AttentionUNet(ARCH.replace(base_channels=ARCH.base_channels * 2)).state_dict()
+    assert blend_states(a, other, 0.5) is None  # not the same network: no blend
+
+
+def test_the_blend_is_a_candidate_of_the_never_worse_choice(base_model, tmp_path):
+    torch.manual_seed(0)
+    pairs = [(f"narrow{s}", *scene(s, narrow=True)) for s in (11, 12)]
+    out = tmp_path / "blend.pt"
+    events, trained = _drain(
+        api.fine_tune(
+            pairs, init=base_model, config=config(epochs=3, lr=3e-3), out=out, device="cpu"
+        )  # fmt: skip
+    )
+    trainer, outcome = trained.trainer, trained.result.decision
+    assert outcome["blend"] == 0.5 and set(outcome["blended"]) >= {"f1@0.5", "dice"}
+    # the candidate is the halfway point of the starting and the fine-tuned weights...
+    base = Checkpoint.load(base_model).build().state_dict()
+    tuned = trainer.fine_tuned["state"]
+    for k, v in trainer.blended["state"].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, (base[k].float() + tuned[k].float()) / 2)
+    # ... at its own thresholds, chosen on the validation parts and scored there
+    net = Checkpoint.load(base_model).build()
+    net.load_state_dict(trainer.blended["state"])
+    from napari_sagegan.engine.train.loop import validate_segmenter
+
+    again = validate_segmenter(net, trainer.val_images, trainer.val_labels,
+                               trainer.blended["infer"], device="cpu")  # fmt: skip
+    assert again["f1@0.5"] == pytest.approx(outcome["blended"]["f1@0.5"])
+    said = [e.message for e in events if e.stage == "choose"][-1]
+    assert "blended (0.5 of the way from the starting to the fine-tuned weights) F1@0.5 " in said
+    saved = Checkpoint.load(out)
+    if outcome["kept"] == "blended":  # what is saved is the blend, at its thresholds
+        assert said.startswith("kept the blended model")
+        w = saved.build().state_dict()
+        for k, v in trainer.blended["state"].items():
+            torch.testing.assert_close(w[k].float(), v.float())
+        assert saved.infer["threshold"] == trainer.blended["infer"].threshold
+    # without a blend, no such candidate
+    _e, plain = _drain(
+        api.fine_tune(
+            pairs, init=base_model, config=config(epochs=3, lr=3e-3, blend=0.0), device="cpu"
+        )  # fmt: skip
+    )
+    assert "blended" not in plain.result.decision and plain.trainer.blended is None
+    with pytest.raises(ValueError, match="blend must be in"):
+        TrainConfig(blend=1.0)
 
 
 def test_a_fine_tune_that_is_worse_keeps_the_old_model(base_model, tmp_path):

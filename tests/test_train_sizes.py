@@ -165,16 +165,20 @@ def test_the_network_scale_is_rechosen_only_when_clearly_better(base_model, tmp_
     outcome = trained.result.decision
     assert set(outcome["by_scale"]) == {
         f"{name} x{s:g}"
-        for name in ("starting model", "starting model, re-calibrated", "fine-tuned")
+        for name in ("starting model", "starting model, re-calibrated", "blended", "fine-tuned")
         for s in segmod.SCALE_CHOICES
     }
-    at_own = max(outcome[k]["f1@0.5"] for k in ("base", "base_recalibrated", "fine_tuned"))
+    at_own = max(
+        outcome[k]["f1@0.5"]
+        for k in ("base", "base_recalibrated", "fine_tuned", "blended")
+        if k in outcome
+    )
     best_other = max(m["f1@0.5"] for m in outcome["by_scale"].values())
     # the margin is more than one validation particle's worth of F1
     n = outcome["validation_particles"]
     assert n > 0 and outcome["margin"] == pytest.approx(max(segmod.SCALE_MARGIN, 1 / n))
     if outcome["scale"] == 1.0:  # no other scale beat the model's own by the margin
-        kept = {"starting model": "base", "fine-tuned": "fine_tuned"}.get(
+        kept = {"starting model": "base", "fine-tuned": "fine_tuned", "blended": "blended"}.get(
             outcome["kept"], "base_recalibrated"
         )
         own = outcome[kept]

@@ -45,6 +45,11 @@ def test_the_dock_reports_both_scores_and_keeps_the_better_model(
     if said.startswith("kept the fine-tuned model"):
         assert current.name == "fine-tuned 1"
         assert _number(said, "fine-tuned F1@0.5") >= _number(said, "starting model F1@0.5")
+    elif said.startswith("kept the blended model"):  # halfway between the two
+        assert current.name == "blended 1" and retrain.store.previous is base
+        assert _number(said, "weights) F1@0.5") >= _number(said, "starting model F1@0.5")
+        state, old = current.ckpt["state_dict"], base.ckpt["state_dict"]
+        assert any(not torch.equal(v, old[k]) for k, v in state.items())
     else:  # the starting model's weights with the thresholds chosen on the held-out part
         assert said.startswith("kept the starting model with re-calibrated thresholds")
         assert current.name == "re-calibrated 1" and retrain.store.previous is base

@@ -35,6 +35,8 @@ FLAGS = {
     "rehearsal": "generated pairs mixed into training so other sizes and contrasts are not "
     "forgotten (the few-shot recipe uses 4)",
     "steps_per_epoch": "optimisation steps per epoch (0: one pass over the images' area)",
+    "blend": "after a fine-tune, also try the weights this far from the starting model to "
+    "the fine-tuned one (0.5: halfway; 0: do not)",
 }
 
 

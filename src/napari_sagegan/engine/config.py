@@ -200,6 +200,10 @@ class TrainConfig(_Config):
     # "auto": a fine-tune (from an existing model) on at most ``FEW_SHOT_MAX`` pairs uses the
     # few-shot recipe (api.train.few_shot_recipe); "few-shot" always; "none" never.
     recipe: str = "auto"
+    # WiSE-FT (Wortsman et al., 2022): after a fine-tune, the weights ``blend`` of the way
+    # from the starting model to the fine-tuned one (re-calibrated on the validation parts)
+    # are one more candidate of the never-worse choice; 0 leaves them out.
+    blend: float = 0.5
 
     def __post_init__(self) -> None:
         if self.holdout not in ("auto", "parts", "images"):
@@ -213,6 +217,11 @@ class TrainConfig(_Config):
         for name in ("warmup_fraction", "freeze_encoder"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not (math.isfinite(self.blend) and 0.0 <= self.blend < 1.0):
+            raise ValueError(
+                f"blend must be in [0, 1) (0.5: halfway between the starting and the fine-tuned "
+                f"weights; 0: no blend), got {self.blend}"
+            )
         if not 0 <= self.rehearsal <= 1000:
             raise ValueError(f"rehearsal must be 0 to 1000 pairs, got {self.rehearsal}")
         if self.loss not in ("focal_tversky", "ce_dice"):

@@ -203,7 +203,8 @@ class ModelStore(Observable):
 
     def add_tuned(self, ckpt: Any, kind: str = "fine-tuned") -> ModelEntry:
         """Register a fine-tuned model (kept in memory) and make it current; ``kind`` starts
-        its name (``"re-calibrated"``: a model's own weights with new thresholds)."""
+        its name (``"re-calibrated"``: a model's own weights with new thresholds; ``"blended"``:
+        weights between the starting and the fine-tuned model's)."""
         self._n_tuned += 1
         entry = ModelEntry(f"{kind} {self._n_tuned}", "memory", ckpt)
         self.select(entry)

@@ -104,6 +104,19 @@ def _beats(new: dict[str, Any], old: dict[str, Any], margin: float) -> bool:
     )
 
 
+def blend_states(base: dict, tuned: dict, alpha: float) -> dict | None:
+    """The weights ``alpha`` of the way from ``base`` to ``tuned`` (WiSE-FT: floating-point
+    tensors interpolated, counters taken from ``tuned``); ``None`` when the two are not
+    states of the same network."""
+    if base.keys() != tuned.keys() or any(base[k].shape != tuned[k].shape for k in base):
+        return None
+    return {
+        k: torch.lerp(base[k].float(), v.float(), alpha).to(v.dtype)
+        if v.is_floating_point() else v.clone()
+        for k, v in tuned.items()
+    }  # fmt: skip
+
+
 def count_particles(labels: Sequence[np.ndarray]) -> int:
     """Instances in ``labels`` (label images; a particle cut by a part's edge counts)."""
     return int(sum(np.count_nonzero(np.unique(np.asarray(lab))) for lab in labels))
@@ -209,6 +222,7 @@ class SegmenterTrainer(Fit):
         self.base_metrics: dict[str, float] | None = None  # scored in before_fit
         self.outcome: dict[str, Any] | None = None  # set by choose_model
         self.fine_tuned: dict[str, Any] | None = None  # set by choose_model
+        self.blended: dict[str, Any] | None = None  # set by choose_model (TrainConfig.blend)
         self._margin: float | None = None
 
         ckpt = None
@@ -668,11 +682,25 @@ class SegmenterTrainer(Fit):
             else self._validate_ckpt(self.base, recal)
         )
         # the model the user had stays unless another beats it clearly; of those, the best
+        # (ties: the one nearer the starting model)
         candidates = [
             ("starting model", self.base_metrics, base_state, self.base_infer),
             ("starting model, re-calibrated", recal_m, base_state, recal),
-            ("fine-tuned", new, self.best_state, self.infer),
         ]
+        blended = self.config.blend and blend_states(base_state, self.best_state,
+                                                     self.config.blend)  # fmt: skip
+        blend_m = None
+        if blended:
+            yield Progress("choose", 1, 3, message="re-calibrating the blended weights")
+            blend_infer, blend_point = yield from self._recalibrated(blended, self.infer)
+            net = AttentionUNet(self.arch)
+            net.load_state_dict(blended)
+            blend_m = validate_segmenter(net.to(self.device), self.val_images, self.val_labels,
+                                         blend_infer, device=self.device)  # fmt: skip
+            candidates.append(("blended", blend_m, blended, blend_infer))
+            self.blended = {"state": blended, "infer": blend_infer,
+                            "target_diameter": self.config.target_diameter}  # fmt: skip
+        candidates.append(("fine-tuned", new, self.best_state, self.infer))
         best = candidates[0]
         for c in candidates[1:]:
             if _beats(c[1], self.base_metrics, margin) and (
@@ -702,6 +730,7 @@ class SegmenterTrainer(Fit):
             "base": dict(self.base_metrics),
             "base_recalibrated": dict(recal_m),
             "fine_tuned": dict(new),
+            **({"blended": dict(blend_m), "blend": self.config.blend} if blend_m else {}),
             "thresholds": {"threshold": infer.threshold, "seed_threshold": infer.seed_threshold},
             "scale": scale,
             "by_scale": by_scale,
@@ -715,7 +744,9 @@ class SegmenterTrainer(Fit):
         self.best_state, self.infer = state, infer
         self.best_metrics = dict(metrics)
         self.best_score = _score(metrics)
-        if choice != "fine-tuned":
+        if choice == "blended":
+            self.calibration = blend_point.to_dict()
+        elif choice != "fine-tuned":
             # the starting model at its own thresholds (re-scaled or not) was not re-calibrated
             own = choice in ("starting model", "starting model, re-scaled")
             self.calibration = None if own else point.to_dict()
@@ -802,6 +833,11 @@ def describe_outcome(outcome: dict[str, Any]) -> str:
     both = f"fine-tuned {_scores(new)}, starting model {_scores(base)}"
     if recal is not None and recal != base:
         both += f" ({_scores(recal)} re-calibrated)"
+    if outcome.get("blended") is not None:
+        both += (
+            f", blended ({outcome['blend']:g} of the way from the starting to the fine-tuned "
+            f"weights) {_scores(outcome['blended'])}"
+        )
     scale = float(outcome.get("scale", 1.0))
     if scale != 1.0:
         m = outcome["by_scale"][outcome["scale_key"]]
@@ -820,6 +856,8 @@ def describe_outcome(outcome: dict[str, Any]) -> str:
         )
     if kept == "fine-tuned":
         return f"kept the fine-tuned model: {both} {on}"
+    if kept == "blended":
+        return f"kept the blended model: {both} {on}"
     if kept == "starting model, re-calibrated":
         return (
             "kept the starting model with re-calibrated thresholds (the fine-tuned one was not "

@@ -143,7 +143,8 @@ class RetrainWidget(TrainingDock):
         self.result_label.setText("\n".join(t for t in (task.used, said) if t))
         if decision is not None and decision["kept"] == "starting model":
             return f"{self.store.current.name} stays the current model; {said}"
-        kind = "re-calibrated" if decision and decision["kept"] != "fine-tuned" else "fine-tuned"
+        kept = decision["kept"] if decision else "fine-tuned"
+        kind = kept if kept in ("fine-tuned", "blended") else "re-calibrated"
         entry = self.store.add_tuned(ckpt, kind)
         score = score_text(entry.metrics) or "no validation: the last model is kept"
         return f"{entry.name} ({score})" + (f"; {said}" if said else "")
