@@ -302,10 +302,11 @@ def test_segment_report(trained):
     for entry in report["images"]:
         assert set(entry) == {
             "file", "diameter_px", "diameter_source", "confidence", "resample_factor",
-            "threshold", "seed_threshold", "n_particles", "pixel_size_nm",
+            "threshold", "seed_threshold", "tta_views", "n_particles", "pixel_size_nm",
             "pixel_size_source", "excluded", "nonfinite_pixels",
         }  # fmt: skip
         assert entry["nonfinite_pixels"] == 0  # PNGs: integers, never NaN
+        assert entry["tta_views"] == 1  # no test-time augmentation unless asked
         assert entry["diameter_px"] == 14.0 and entry["diameter_source"] == "given"
         assert entry["resample_factor"] == pytest.approx(32 / 14)
         assert entry["confidence"] is None or isinstance(entry["confidence"], float)
@@ -314,6 +315,14 @@ def test_segment_report(trained):
         assert entry["pixel_size_nm"] is None and entry["pixel_size_source"] is None
     labels = tifffile.imread(out / "im1.tif")
     assert report["images"][1]["n_particles"] == int(labels.max())
+    # --tta 4: averaged over the mirror images, recorded per image
+    assert main([*args[:-1], str(root / "tta"), "--model", str(model), "--device", "cpu",
+                 "--diameter", "14", "--tta", "4"]) == 0  # fmt: skip
+    tta = json.loads((root / "tta" / "segment_report.json").read_text())
+    assert [e["tta_views"] for e in tta["images"]] == [4, 4]
+    with pytest.raises(SystemExit) as bad:
+        main([*args[:-1], str(root / "tta3"), "--model", str(model), "--tta", "3"])
+    assert bad.value.code == 2 and not (root / "tta3").exists()
 
     tifffile.imwrite(root / "cal.tif", iio.imread(images / "im2.png"), imagej=True,
                      resolution=(2.0, 2.0), metadata={"unit": "nm"})  # fmt: skip

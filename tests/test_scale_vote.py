@@ -115,13 +115,9 @@ def test_the_running_vote_leads_as_the_vote_over_all_passes(monkeypatch):
         assert segmod._vote(passes)[3] == lead, scores
 
 
-def test_a_large_image_keeps_one_pass_and_segments_the_winner_again(disc_seg, monkeypatch):
-    """Above _VOTE_KEEP_PIXELS the vote keeps no pass but the running one: when the winner
-    is not the last size tried, its pass is run again, to the same labels."""
-    from test_tasks import disc_scene
-
-    image, _ = disc_scene()
-    # the right size (17 px) second of three: the winner is not the last pass
+def _three_sizes_recorded(seg, monkeypatch) -> list:
+    """The ladder answers 51 px with 17 (the discs' size: the winner, not the last pass)
+    and 36 px next; returns the list of ``(diameter, tta)`` of every full pass to come."""
     wrong = ScaleInfo(51.0, "network", 32.0 / 51.0, 0.3, (17.0, 36.0))
 
     def fake_search(self, ref, config, info, report):
@@ -129,27 +125,67 @@ def test_a_large_image_keeps_one_pass_and_segments_the_winner_again(disc_seg, mo
         yield
 
     monkeypatch.setattr(Segmenter, "_search", fake_search)
-    cfg = disc_seg.default_infer_config(scale_band=(1.0, 1.0), vote_stop=1.01)
-    sizes = []
-    plane = disc_seg._plane
+    passes = []
+    plane = seg._plane
 
     def counted(p, config, info, *a, **k):
-        sizes.append(info.diameter)
+        passes.append((info.diameter, config.tta))
         return plane(p, config, info, *a, **k)
 
-    monkeypatch.setattr(disc_seg, "_plane", counted)
+    monkeypatch.setattr(seg, "_plane", counted)
+    return passes
+
+
+def test_a_large_image_keeps_one_pass_and_segments_the_winner_again(disc_seg, monkeypatch):
+    """Above _VOTE_KEEP_PIXELS the vote keeps no pass but the running one: when the winner
+    is not the last size tried, its pass is run again, to the same labels."""
+    from test_tasks import disc_scene
+
+    image, _ = disc_scene()
+    passes = _three_sizes_recorded(disc_seg, monkeypatch)
+    cfg = disc_seg.default_infer_config(scale_band=(1.0, 1.0), vote_stop=1.01)
     kept = run_to_end(disc_seg.segment(image, cfg))
     assert kept.scale.diameter == pytest.approx(17.0)
-    assert sizes == [51.0, 17.0, 36.0]
-    sizes.clear()
+    assert [d for d, _t in passes] == [51.0, 17.0, 36.0]
+    passes.clear()
     monkeypatch.setattr(segmod, "_VOTE_KEEP_PIXELS", 0)
     events = []
     again = run_to_end(disc_seg.segment(image, cfg), events.append)
-    assert sizes == [51.0, 17.0, 36.0, 17.0]
+    assert [d for d, _t in passes] == [51.0, 17.0, 36.0, 17.0]
     np.testing.assert_array_equal(again.labels, kept.labels)
     assert events[-1].step == events[-1].total
     # the Estimate button wants the size alone: no pass again
-    sizes.clear()
+    passes.clear()
     est = run_to_end(disc_seg.estimate_scale(image, cfg))
     assert est.diameter == pytest.approx(17.0)
-    assert sizes == [51.0, 17.0, 36.0]
+    assert [d for d, _t in passes] == [51.0, 17.0, 36.0]
+
+
+def test_with_test_time_views_single_passes_vote_and_the_winner_gets_the_views(
+    disc_seg, monkeypatch
+):
+    """``tta > 1``: the candidate sizes vote by single passes (the confidences the vote was
+    tuned on), then the winning size is segmented with the views; with nothing to vote on,
+    one pass with the views."""
+    from test_tasks import disc_scene
+
+    image, _ = disc_scene()
+    passes = _three_sizes_recorded(disc_seg, monkeypatch)
+    cfg = disc_seg.default_infer_config(scale_band=(1.0, 1.0), vote_stop=1.01)
+    plain = run_to_end(disc_seg.segment(image, cfg))
+    assert plain.scale.diameter == pytest.approx(17.0)
+    passes.clear()
+    views = run_to_end(disc_seg.segment(image, cfg.replace(tta=4)))
+    assert passes == [(51.0, 1), (17.0, 1), (36.0, 1), (17.0, 4)]
+    assert views.scale.diameter == pytest.approx(17.0)
+    # the same labels as the views at that size given
+    given = run_to_end(disc_seg.segment(image, cfg.replace(tta=4, diameter=17.0)))
+    np.testing.assert_array_equal(views.labels, given.labels)
+    # the Estimate button votes as segment() does, by single passes
+    passes.clear()
+    est = run_to_end(disc_seg.estimate_scale(image, cfg.replace(tta=4)))
+    assert est.diameter == pytest.approx(17.0) and {t for _d, t in passes} == {1}
+    # a ladder sure enough: nothing to vote on, one pass, with the views
+    passes.clear()
+    run_to_end(disc_seg.segment(image, cfg.replace(tta=4, vote_below=0.3)))
+    assert passes == [(51.0, 4)]

@@ -30,6 +30,38 @@ def test_tiled_equals_untiled(seg):
     assert np.abs(whole - tiled).mean() < 0.01
 
 
+def test_view_averaging_makes_the_maps_follow_a_mirrored_image(seg):
+    img = np.random.default_rng(1).integers(0, 255, (64, 64), dtype=np.uint8)
+    one = InferConfig(tile_size=64, overlap=0.0)  # one tile: no seams to move
+
+    def maps(im, cfg):
+        return run_to_end(seg.predict_maps(np.ascontiguousarray(im), cfg))
+
+    plain = maps(img, one)
+    # an untrained network is not mirror-symmetric...
+    assert np.abs(maps(img[:, ::-1], one)[:, :, ::-1] - plain).max() > 1e-3
+    # ... its maps averaged over the four mirror images are (not over a transpose)...
+    four = one.replace(tta=4)
+    a = maps(img, four)
+    np.testing.assert_allclose(maps(img[::-1, ::-1], four)[:, ::-1, ::-1], a, atol=1e-5)
+    assert np.abs(maps(img.T, four).transpose(0, 2, 1) - a).max() > 1e-3
+    mirrors = [maps(img[sy, sx], one)[:, sy, sx]
+               for sy, sx in ((slice(None), slice(None)), (slice(None), slice(None, None, -1)),
+                              (slice(None, None, -1), slice(None)),
+                              (slice(None, None, -1), slice(None, None, -1)))]  # fmt: skip
+    np.testing.assert_allclose(a, np.mean(mirrors, axis=0), atol=1e-5)
+    # ... and over all eight symmetries of the square, transposes included
+    eight = one.replace(tta=8)
+    b = maps(img, eight)
+    np.testing.assert_allclose(maps(img.T, eight).transpose(0, 2, 1), b, atol=1e-5)
+    np.testing.assert_allclose(maps(img[:, ::-1], eight)[:, :, ::-1], b, atol=1e-5)
+    # a runtime choice, not one a checkpoint imposes; other counts are refused
+    stored = Segmenter(seg.model, device="cpu", checkpoint={"infer": {"tta": 8}})
+    assert stored.default_infer_config().tta == 1
+    with pytest.raises(ValueError, match="one of 1, 2, 4, 8"):
+        InferConfig(tta=3)
+
+
 @pytest.mark.parametrize("shape", [(37, 53), (70, 21), (5, 300)])
 def test_odd_sizes_keep_their_shape(seg, shape):
     img = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)

@@ -87,6 +87,32 @@ def test_segment_counts_particles_and_measures_them(make_napari_viewer, qtbot, t
     assert "'discs labels' kept" in widget.result_label.text()
 
 
+def test_test_time_views_are_the_ones_chosen_in_the_dock(make_napari_viewer, qtbot, tiny_model):
+    from napari_sagegan.engine.infer.segment import Segmenter
+    from napari_sagegan.util.progress import run_to_end
+
+    viewer = make_napari_viewer()
+    img, lab = disc_scene()
+    viewer.add_image(img, name="discs")
+    widget = make_widget(viewer, tiny_model)
+    assert widget.ready_arguments()["infer"]["tta"] == 1  # none by default: the fast path
+    widget.tta_combo.setCurrentIndex(3)
+    widget.attention_check.setChecked(True)  # maps to compare (the labels may not change)
+    assert widget.ready_arguments()["infer"]["tta"] == 8
+    run_and_wait(qtbot, widget)
+    layer = viewer.layers["discs labels"]
+    # the maps of the engine with the eight views and the dock's other settings, not one's
+    seg = Segmenter.load(str(tiny_model), device="cpu")
+    cfg = seg.default_infer_config(tile_size=64, tta=8, threshold=widget.threshold_spin.value())
+    want = run_to_end(seg.segment(img, cfg, with_attention=True))
+    att = np.asarray(viewer.layers["discs attention"].data)
+    np.testing.assert_allclose(att, want.attention, atol=1e-5)
+    one = run_to_end(seg.segment(img, cfg.replace(tta=1), with_attention=True))
+    assert np.abs(att - one.attention).max() > 1e-3
+    np.testing.assert_array_equal(layer.data, want.labels)
+    assert evaluate_pair(layer.data, lab)["f1@0.5"] == 1.0
+
+
 def test_batch_over_three_layers(make_napari_viewer, qtbot, tiny_model):
     viewer = make_napari_viewer()
     a, _ = disc_scene(seed=1)

@@ -280,6 +280,7 @@ class Segmented:
             "resample_factor": float(s.factor) if s is not None else 1.0,
             "threshold": float(self.config.threshold),
             "seed_threshold": float(self.config.seed_threshold),
+            "tta_views": int(self.config.tta),
             "n_particles": int(self.n_particles),
             "pixel_size_nm": self.pixel_size.nm,
             "pixel_size_source": self.pixel_size.source if self.pixel_size.known else None,

@@ -80,6 +80,17 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=float, default=None, help="particle probability")
     s.add_argument("--no-split", action="store_true", help="do not split touching particles")
     s.add_argument(
+        "--tta",
+        type=int,
+        default=None,
+        choices=[1, 2, 4, 8],
+        metavar="VIEWS",
+        help="test-time augmentation: average the network's maps over VIEWS views of each "
+        "tile (2: and its left-right mirror image; 4: every mirror image; 8: and their "
+        "transposes), VIEWS network passes each: fewer missed and false particles for more "
+        "time (docs/benchmarks.md); default 1, none",
+    )
+    s.add_argument(
         "--diameter",
         type=float,
         default=None,
@@ -278,6 +289,7 @@ def run(args: argparse.Namespace) -> int:
         "auto_scale": False if args.no_auto_scale else None,
         "engine": args.engine,
         "precision": args.precision,
+        "tta": args.tta,
     }
     if args.scheduler is not None or args.workers is not None:
         return run_distributed(args, infer)
@@ -427,6 +439,7 @@ def run_blocks(args: argparse.Namespace) -> int:
             "auto_scale": False if args.no_auto_scale else None,
             "engine": args.engine,
             "precision": args.precision,
+            "tta": args.tta,
         },
         scheduler=args.scheduler,
         workers=args.workers,

@@ -280,6 +280,11 @@ class TrainConfig(_Config):
 CONTEXT_PX = 128
 
 
+#: Test-time views :attr:`InferConfig.tta` accepts: 1 (none), 2 (the tile and its
+#: left-right mirror image), 4 (every mirror image), 8 (every symmetry of the square).
+TTA_VIEWS = (1, 2, 4, 8)
+
+
 @dataclass(frozen=True)
 class InferConfig(_Config):
     """How to segment an image (tiled inference + post-processing).
@@ -382,6 +387,17 @@ class InferConfig(_Config):
         stopping (0.701 vs 0.700 mean), 0.4 loses pooled F1, and 0.6 is the more cautious of
         the two; on the 45 leave-source-out images it keeps the mean F1@0.5 of never
         stopping (0.742) in 1.39x the time of no vote instead of 2.02x (0.5: 0.729).
+    tta : int
+        Test-time augmentation: the network's maps are averaged over this many views of
+        each tile (:data:`TTA_VIEWS`: 1, none; 2, and its left-right mirror image; 4, every
+        mirror image; 8, and their transposes), one network pass each. With the size found,
+        the candidate sizes still vote by single passes and the winner is segmented again
+        with the views. A runtime choice (a checkpoint's is ignored). 1 by default: in
+        ``python benchmarks/bench_tta.py`` (section ``bench-tta``) 4 views raised the
+        pooled F1@0.5 of the 45 leave-source-out images from 0.676 to 0.708 (mean over
+        images 0.743 -> 0.747) in 1.21x the time, but lowered it on 40 images of the
+        training articles (mean 0.730 -> 0.712), and a large image takes 2.5x (8 views:
+        4.7x) as long.
 
     ``tile_size`` and ``min_size`` are in network pixels when the image is resampled.
     """
@@ -405,12 +421,18 @@ class InferConfig(_Config):
     precision: str = "auto"
     vote_below: float = 0.7
     vote_stop: float = 0.6
+    tta: int = 1
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.vote_below):
             raise ValueError(
                 "vote_below is the scale ladder's confidence under which full passes at the "
                 f"candidate sizes vote, in [0, 1] (0: never, above 1: always), got {self.vote_below}"
+            )
+        if self.tta not in TTA_VIEWS:
+            raise ValueError(
+                f"tta is the number of views of each tile the network's maps are averaged "
+                f"over: one of {', '.join(map(str, TTA_VIEWS))} (1: none), got {self.tta!r}"
             )
         if not 0.0 <= float(self.vote_stop):
             raise ValueError(

@@ -71,7 +71,7 @@ _DEFAULT_TILE = InferConfig.__dataclass_fields__["tile_size"].default
 _RUNTIME_FIELDS = frozenset(
     {
         "tile_size", "overlap", "batch_size", "device", "engine", "precision",
-        "vote_below", "vote_stop",
+        "vote_below", "vote_stop", "tta",
     }
 )  # fmt: skip
 
@@ -207,6 +207,32 @@ def _resampled(fn, factor: float, divisor: int):
         return F.interpolate(
             maps, size=(h, w), mode="bilinear", align_corners=False, antialias=factor > 1
         ).clamp_(0.0, 1.0)
+
+    return wrapped
+
+
+#: The mirror images :func:`_view_averaged` adds, as flipped dims (applied after the
+#: transpose of the views 4-7).
+_FLIPS = ((), (-1,), (-2,), (-2, -1))
+
+
+def _view_averaged(fn, views: int):
+    """Wrap a tile prediction function so that its maps are the mean over ``views`` views
+    of the tile, each mapped back: 2, the tile and its left-right mirror image; 4, also the
+    up-down and both mirror images; 8, also those four transposed (every symmetry of the
+    square). Test-time augmentation: ``views`` network passes per tile, run one after the
+    other (the memory of one)."""
+
+    def wrapped(x: torch.Tensor) -> torch.Tensor:
+        maps = None
+        for v in range(views):
+            dims = _FLIPS[v % 4]
+            xv = x.transpose(-1, -2) if v >= 4 else x
+            out = fn(torch.flip(xv, dims) if dims else xv).float()
+            out = torch.flip(out, dims) if dims else out
+            out = out.transpose(-1, -2) if v >= 4 else out
+            maps = out if maps is None else maps.add_(out)
+        return maps.mul_(1.0 / views)
 
     return wrapped
 
@@ -397,8 +423,8 @@ class Segmenter:
             )
 
         chosen, _, _ = yield from self._vote_sizes(
-            ref, config, found, False, report, None, state, yx, need_pass=False
-        )
+            ref, config.replace(tta=1), found, False, report, None, state, yx, need_pass=False
+        )  # the vote of segment(): single passes
         return _as_answer(chosen, found)
 
     def _search(
@@ -407,7 +433,8 @@ class Segmenter:
         """Run the network's scale ladder on ``ref`` (see :mod:`.autoscale`)."""
         target = float(self.target_diameter)
         ann = find_annotations(ref) if config.exclude_annotations else None
-        crop_cfg = config.replace(tile_size=max(config.tile_size, 256), overlap=0.0)
+        # the ladder measures sizes; its confidences were tuned on single passes
+        crop_cfg = config.replace(tile_size=max(config.tile_size, 256), overlap=0.0, tta=1)
 
         def crop_labels(crop: np.ndarray, factor: float, box: tuple[int, int, int, int]):
             # one crop of at most CROP x CROP network pixels: one step of the search
@@ -542,6 +569,8 @@ class Segmenter:
             raise ValueError(f"predict_maps expects a 2-D image, got shape {shape}")
         out_dtype = np.float16 if shape[0] * shape[1] > _HALF_MAPS_PIXELS else np.float32
         fn = self._predict_fn(with_attention, config.engine, config.precision)
+        if config.tta > 1:
+            fn = _view_averaged(fn, config.tta)
         divisor = self.model.config.divisor
         tile = net_tile = self.network_tile(config)
         if abs(factor - 1.0) > 1e-6:
@@ -809,9 +838,21 @@ class Segmenter:
             and info.diameter is not None
             and (config.scale_search or config.refine_scale)
         ):
-            chosen, cost, first = yield from self._vote_sizes(
-                ref, config, info, with_attention, report(ref_z), value_range, state, yx
-            )
+            # with test-time views the candidates still vote by single passes (the vote's
+            # confidences were tuned on them; views made it choose worse sizes: 0.735 vs
+            # 0.743 mean F1@0.5 in docs/benchmarks.md), then the winner is segmented again
+            views = config.tta
+            if (
+                views > 1
+                and not config.refine_scale
+                and len(self._size_candidates(info, config)) < 2
+            ):
+                chosen, cost = info, 0.0  # nothing to vote on: the one pass, with its views
+            else:
+                chosen, cost, first = yield from self._vote_sizes(
+                    ref, config.replace(tta=1), info, with_attention, report(ref_z),
+                    value_range, state, yx, need_pass=views == 1 or config.refine_scale,
+                )  # fmt: skip
             if config.refine_scale and math.isfinite(cost) and cost > math.log(1.3):
                 measured = median_diameter(first[0], min_area=1)
                 chosen = ScaleInfo(
@@ -819,6 +860,8 @@ class Segmenter:
                     chosen.confidence, chosen.alternatives,
                 )  # fmt: skip
                 first = None
+            if views > 1:
+                first = None  # the winner's pass again, below, with the views
             info = _as_answer(chosen, info)
             left = len(slices) - (1 if first is not None else 0)
             state["total"] = state["done"] + self._tiles(yx, config, info.factor) * left

@@ -141,6 +141,12 @@ class SegmentWidget(ModelDock):
         self.split_check = QCheckBox("split touching particles")
         self.split_check.setChecked(True)
         self.attention_check = QCheckBox("show attention map")
+        self.tta_combo = combo_box(
+            ["1 (fastest)", "2", "4", "8 (most accurate)"],
+            "Test-time augmentation: the network's maps are averaged over this many views of "
+            "each tile (mirror images, transposes), one network pass each: fewer missed and "
+            "false particles for more time (docs/benchmarks.md)",
+        )
         self.results_combo = combo_box(
             ResultLayers.MODES,
             "What a new segmentation does to an earlier result of the same image: add new "
@@ -201,6 +207,7 @@ class SegmentWidget(ModelDock):
         form.addRow("", self.pixel_size_button)
         form.addRow("", self.split_check)
         form.addRow("", self.attention_check)
+        form.addRow("Test-time views", self.tta_combo)
         form.addRow("Results", self.results_combo)
         lay = QVBoxLayout(self)
         lay.addLayout(form)
@@ -468,6 +475,7 @@ class SegmentWidget(ModelDock):
             "tile_size": int(self.tile_spin.value()),
             "threshold": float(self.threshold_spin.value()),
             "split": bool(self.split_check.isChecked()),
+            "tta": int(self.tta_combo.currentText().split()[0]),
         }
 
     # ------------------------------------------------------------------ running
