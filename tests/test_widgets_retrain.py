@@ -190,6 +190,19 @@ def test_resegment_uses_the_segment_docks_particle_size(
     seg.diameter_spin.setValue(8.5)  # nm: 17 px at 0.5 nm / px
     result = resegment()
     assert result.scale.source == "user" and result.scale.diameter == 17.0
+    # the test-time views set in Segment: the particles' confidences are the views' maps'
+    from napari_sagegan.engine.infer.segment import Segmenter
+    from napari_sagegan.util.progress import run_to_end
+
+    one = np.asarray(result.features["confidence"])
+    seg.tta_combo.setCurrentIndex(3)
+    assert viewer_state(viewer).views.views == 8
+    result = resegment()
+    engine = Segmenter.load(str(tiny_model), device="cpu")
+    want = run_to_end(engine.segment(image, engine.default_infer_config(diameter=17.0, tta=8)))
+    np.testing.assert_allclose(result.features["confidence"], want.confidence[1:], atol=1e-6)
+    assert np.abs(np.asarray(result.features["confidence"]) - one).max() > 1e-4
+    seg.tta_combo.setCurrentIndex(0)
     seg.diameter_spin.setValue(0.0)  # auto: estimated, as in Segment
     result = resegment()
     assert result.scale.source in ("network", "estimate")

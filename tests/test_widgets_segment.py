@@ -98,7 +98,15 @@ def test_test_time_views_are_the_ones_chosen_in_the_dock(make_napari_viewer, qtb
     assert widget.ready_arguments()["infer"]["tta"] == 1  # none by default: the fast path
     widget.tta_combo.setCurrentIndex(3)
     widget.attention_check.setChecked(True)  # maps to compare (the labels may not change)
-    assert widget.ready_arguments()["infer"]["tta"] == 8
+    views = viewer_state(viewer).views
+    assert views.views == 8 and widget.ready_arguments()["infer"]["tta"] == 8
+    # one setting per viewer: set elsewhere, the dock shows it; nonsense is refused
+    views.set(4)
+    assert widget.tta_combo.currentText() == "4"
+    with pytest.raises(ValueError, match="one of"):
+        views.set(3)
+    views.set("8 (most accurate)")
+    assert widget.tta_combo.currentIndex() == 3
     run_and_wait(qtbot, widget)
     layer = viewer.layers["discs labels"]
     # the maps of the engine with the eight views and the dock's other settings, not one's

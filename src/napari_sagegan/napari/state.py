@@ -17,6 +17,7 @@ is tested without a viewer; a dock is a view that subscribes to the parts it sho
   segments uses (Segment, and Re-segment in Correct and retrain).
 - :class:`ResultLayers` (``state.results``): whether a new segmentation replaces an
   unedited earlier result of the same image or comes as new layers (the default).
+- :class:`TestTimeViews` (``state.views``): the test-time views the docks that segment use.
 - :class:`PixelSizes` (``state.pixel_sizes``): the pixel size the user set for an image
   (once per image, in Segment or Measure); every dock uses it
   (:mod:`napari_sagegan.napari.calibration` writes it into the layers).
@@ -496,6 +497,40 @@ class ResultLayers(Observable):
             self._changed()
 
 
+class TestTimeViews(Observable):
+    """How many views of each tile the network's maps are averaged over
+    (:attr:`~napari_sagegan.engine.config.InferConfig.tta`): one setting per viewer (Segment
+    shows it; Re-segment in Correct and retrain follows it).
+
+    Attributes
+    ----------
+    views : int
+        1 (none, the default), 2, 4 or 8.
+    """
+
+    __test__ = False  # not a pytest test class
+    CHOICES = (1, 2, 4, 8)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.views = 1
+
+    def set(self, views: int | str) -> None:
+        """Change the setting (a number, or the Segment dock's text starting with it).
+
+        Raises
+        ------
+        ValueError
+            Not one of :attr:`CHOICES`.
+        """
+        n = int(str(views).split()[0]) if str(views).strip() else 0
+        if n not in self.CHOICES:
+            raise ValueError(f"test-time views must be one of {self.CHOICES}, got {views!r}")
+        if n != self.views:
+            self.views = n
+            self._changed()
+
+
 # --------------------------------------------------------------------------- per viewer
 
 
@@ -510,6 +545,7 @@ class ViewerState:
         self.phase2 = Phase2()
         self.particle_size = ParticleSize()
         self.pixel_sizes = PixelSizes()
+        self.views = TestTimeViews()
 
 
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -219,6 +219,7 @@ class RetrainWidget(TrainingDock):
                 inputs,
                 device=self.device_combo.currentText(),
                 threads=self.threads,
+                infer={"tta": self.state.views.views},  # the Segment dock's test-time views
                 **size,
             ),
             f"re-segmenting with {self.store.current.name} ...",

@@ -69,7 +69,7 @@ from napari_sagegan.napari.layers import (
     ImageInput,
     image_input,
 )
-from napari_sagegan.napari.state import ResultLayers
+from napari_sagegan.napari.state import ResultLayers, TestTimeViews
 
 
 class SegmentWidget(ModelDock):
@@ -232,6 +232,10 @@ class SegmentWidget(ModelDock):
         self.results_combo.setCurrentText(self.result_layers.mode)
         self.results_combo.currentTextChanged.connect(self.result_layers.set)
         self.result_layers.subscribe(self._show_result_mode)
+        self.views = self.state.views
+        self._show_views()
+        self.tta_combo.currentTextChanged.connect(self.views.set)
+        self.views.subscribe(self._show_views)
         self.docks_button.clicked.connect(lambda: open_all_docks(self.viewer))
         self.folder_button.clicked.connect(self.run_folder)
         self.run_button.clicked.connect(self.run)
@@ -475,7 +479,7 @@ class SegmentWidget(ModelDock):
             "tile_size": int(self.tile_spin.value()),
             "threshold": float(self.threshold_spin.value()),
             "split": bool(self.split_check.isChecked()),
-            "tta": int(self.tta_combo.currentText().split()[0]),
+            "tta": self.views.views,
         }
 
     # ------------------------------------------------------------------ running
@@ -496,6 +500,14 @@ class SegmentWidget(ModelDock):
             on_return=self._on_return,
             on_done=self._on_done,
         )
+
+    def _show_views(self) -> None:
+        try:
+            self.tta_combo.blockSignals(True)
+            self.tta_combo.setCurrentIndex(TestTimeViews.CHOICES.index(self.views.views))
+            self.tta_combo.blockSignals(False)
+        except RuntimeError:  # deleted widget
+            pass
 
     def _show_result_mode(self) -> None:
         try:
