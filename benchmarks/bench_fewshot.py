@@ -141,11 +141,13 @@ def _score_weights(trainer, weights: dict, test, diameter: float) -> dict:
 
 
 def candidate_scores(trainer, test, diameter: float, decision: dict, after: dict) -> dict:
-    """The article's other images scored with the fine-tuned and the blended weights
-    whichever was kept (what the never-worse choice gained or cost); ``after`` for the one
-    that was kept."""
+    """The article's other images scored with the fine-tuned and the blended weights and the
+    re-calibrated starting model, whichever was kept (what the never-worse choice gained or
+    cost); ``after`` for the one that was kept."""
     scores = {}
-    for key, name in (("fine_tuned", "fine-tuned"), ("blended", "blended")):
+    pairs = (("fine_tuned", "fine-tuned"), ("blended", "blended"),
+             ("recalibrated", "starting model, re-calibrated"))  # fmt: skip
+    for key, name in pairs:
         weights = getattr(trainer, key, None)
         if weights is not None:
             scores[key] = (

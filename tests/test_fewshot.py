@@ -144,6 +144,12 @@ def test_fine_tune_recalibrates_and_saves_the_thresholds(base_model, tmp_path):
     )
     assert saved["metrics"]["f1@0.5"] == pytest.approx(outcome[kept]["f1@0.5"])
     assert saved["metrics"]["f1@0.5"] >= outcome["base"]["f1@0.5"]
+    # the re-calibrated candidate: the starting weights at thresholds chosen on validation
+    recal = trainer.recalibrated
+    start = Checkpoint.load(base_model).build().state_dict()
+    assert all(torch.equal(v.float(), start[k].float()) for k, v in recal["state"].items())
+    if outcome["kept"] == "starting model, re-calibrated":
+        assert saved.infer["threshold"] == recal["infer"].threshold
 
 
 def test_one_particle_is_noise_two_are_evidence():

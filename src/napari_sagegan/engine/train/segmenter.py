@@ -223,6 +223,7 @@ class SegmenterTrainer(Fit):
         self.outcome: dict[str, Any] | None = None  # set by choose_model
         self.fine_tuned: dict[str, Any] | None = None  # set by choose_model
         self.blended: dict[str, Any] | None = None  # set by choose_model (TrainConfig.blend)
+        self.recalibrated: dict[str, Any] | None = None  # set by choose_model
         self._margin: float | None = None
 
         ckpt = None
@@ -687,6 +688,8 @@ class SegmenterTrainer(Fit):
             ("starting model", self.base_metrics, base_state, self.base_infer),
             ("starting model, re-calibrated", recal_m, base_state, recal),
         ]
+        self.recalibrated = {"state": base_state, "infer": recal,
+                             "target_diameter": self.config.target_diameter}  # fmt: skip
         blended = self.config.blend and blend_states(base_state, self.best_state,
                                                      self.config.blend)  # fmt: skip
         blend_m = None
