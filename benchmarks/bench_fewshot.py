@@ -197,6 +197,52 @@ def run_episodes(args, base: Checkpoint) -> list[dict]:
     return rows
 
 
+#: Other rules the never-worse choice could follow, replayed from each episode's scores
+#: (on the band: what the rule sees; on the other images: what it would have got). Each
+#: maps a row to the candidate it keeps: "before" (the starting model at its own
+#: thresholds), "recalibrated", "blended" or "fine_tuned".
+RULES = {
+    "always the starting model": lambda r: "before",
+    "always the fine-tuned model": lambda r: "fine_tuned",
+    "always the blended weights": lambda r: "blended",
+    "the blended weights unless worse on the band": lambda r: (
+        "blended" if _band(r, "blended") >= _band(r, "base") else "before"
+    ),
+    "the best on the band (ties: the starting model)": lambda r: max(
+        (("base", "before"), ("base_recalibrated", "recalibrated"), ("blended", "blended"),
+         ("fine_tuned", "fine_tuned")),
+        key=lambda kv: (_band(r, kv[0]), kv[0] == "base"),
+    )[1],
+}  # fmt: skip
+
+
+def _band(r: dict, key: str) -> tuple[float, float]:
+    m = r.get("band", {}).get(key)
+    return (m["f1@0.5"], m["dice"]) if m else (-1.0, -1.0)
+
+
+def replay(rows: list[dict]) -> str:
+    """A table of :data:`RULES` replayed on ``rows``: per number of shots, the mean F1@0.5
+    on the other images and on how many articles it is below the starting model."""
+    table = []
+    for name, rule in RULES.items():
+        line = [name]
+        for k in sorted({r["k"] for r in rows}):
+            sel = [r for r in rows if r["k"] == k and "blended" in r and "recalibrated" in r]
+            if not sel:
+                line += ["", ""]
+                continue
+            got = [r[rule(r)]["f1@0.5"] for r in sel]
+            worse = sum(g < r["before"]["f1@0.5"] for g, r in zip(got, sel))
+            line += [float(np.mean(got)), f"{worse} of {len(sel)}"]
+        table.append(line)
+    head = ["rule"]
+    for k in sorted({r["k"] for r in rows}):
+        shots = f"{k} shot{'s' if k > 1 else ''}"
+        head += [f"{shots}: mean F1@0.5", f"{shots}: worse than the starting model"]
+    return markdown_table(head, table)
+
+
 def report(rows: list[dict], args, minutes: float, note: str) -> str:
     """The markdown section of the episodes ``rows`` (of one run, or merged shards)."""
     if not rows:
@@ -294,6 +340,12 @@ or cost.
 {note}
 
 {md}
+
+Other rules for the choice, replayed from the same episodes (the scores of every
+candidate on the band and on the other images; "worse": below the starting model at its
+own thresholds on the other images):
+
+{replay(rows)}
 
 Against the issue's goal: {" ".join(verdicts)} The "kept" choice is made on a held-out band
 of the k training images only; where it re-calibrated the thresholds or kept the fine-tuned
