@@ -216,6 +216,28 @@ def test_blend_states_interpolates_the_weights_and_keeps_the_counters():
     assert blend_states(a, other, 0.5) is None  # not the same network: no blend
 
 
+def test_batchnorm_statistics_are_measured_again_on_the_patches():
+    from napari_sagegan.engine.nets.attention_unet import AttentionUNet
+    from napari_sagegan.engine.train.segmenter import reestimate_batchnorm
+
+    torch.manual_seed(0)
+    net = AttentionUNet(ARCH)
+    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k
+               and "num_batches" not in k}  # fmt: skip
+    batch = torch.randn(4, 1, 32, 32) * 3 + 5  # far from the fresh statistics (0, 1)
+    reestimate_batchnorm(net, lambda: (batch,), batches=3)
+    assert not net.training
+    bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    # the first batch norm sees the first convolution of this batch: its mean, exactly
+    conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        want = conv(batch).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(bn.running_mean, want, rtol=1e-4, atol=1e-5)
+    assert bn.momentum == 0.1  # restored
+    after = net.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in weights.items())  # weights unchanged
+
+
 def test_the_blend_is_a_candidate_of_the_never_worse_choice(base_model, tmp_path):
     torch.manual_seed(0)
     pairs = [(f"narrow{s}", *scene(s, narrow=True)) for s in (11, 12)]
@@ -227,12 +249,20 @@ def test_the_blend_is_a_candidate_of_the_never_worse_choice(base_model, tmp_path
     )
     trainer, outcome = trained.trainer, trained.result.decision
     assert outcome["blend"] == 0.5 and set(outcome["blended"]) >= {"f1@0.5", "dice"}
-    # the candidate is the halfway point of the starting and the fine-tuned weights...
+    # the candidate is the halfway point of the starting and the fine-tuned weights, its
+    # batch-norm statistics measured again on training patches...
     base = Checkpoint.load(base_model).build().state_dict()
     tuned = trainer.fine_tuned["state"]
+    stats = ("running_mean", "running_var")
+    remeasured = 0
     for k, v in trainer.blended["state"].items():
-        if v.is_floating_point():
-            torch.testing.assert_close(v, (base[k].float() + tuned[k].float()) / 2)
+        halfway = (base[k].float() + tuned[k].float()) / 2 if v.is_floating_point() else None
+        if k.endswith(stats):
+            assert torch.isfinite(v).all()
+            remeasured += not torch.allclose(v, halfway, atol=1e-4)
+        elif halfway is not None:
+            torch.testing.assert_close(v, halfway)
+    assert remeasured > 0
     # ... at its own thresholds, chosen on the validation parts and scored there
     net = Checkpoint.load(base_model).build()
     net.load_state_dict(trainer.blended["state"])

@@ -117,6 +117,32 @@ def blend_states(base: dict, tuned: dict, alpha: float) -> dict | None:
     }  # fmt: skip
 
 
+#: Batches of training patches the blended weights' batch-norm statistics are measured on.
+BN_BATCHES = 16
+
+
+def reestimate_batchnorm(net: torch.nn.Module, sample, batches: int = BN_BATCHES) -> None:
+    """Measure the batch-norm running statistics of ``net`` again, as the plain mean over
+    ``batches`` batches ``sample()[0]`` (its weights unchanged; ``net`` is left in eval
+    mode). Interpolated weights come with interpolated statistics that describe neither
+    model's activations."""
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches
+    device = next(net.parameters()).device
+    net.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            net(sample()[0].to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    net.eval()
+
+
 def count_particles(labels: Sequence[np.ndarray]) -> int:
     """Instances in ``labels`` (label images; a particle cut by a part's edge counts)."""
     return int(sum(np.count_nonzero(np.unique(np.asarray(lab))) for lab in labels))
@@ -694,6 +720,10 @@ class SegmenterTrainer(Fit):
                                                      self.config.blend)  # fmt: skip
         blend_m = None
         if blended:
+            net = AttentionUNet(self.arch).to(self.device)
+            net.load_state_dict(blended)
+            reestimate_batchnorm(net, lambda: self.sampler.sample(self.config.batch_size))
+            blended = state_on_cpu(net)
             yield Progress("choose", 1, 3, message="re-calibrating the blended weights")
             blend_infer, blend_point = yield from self._recalibrated(blended, self.infer)
             net = AttentionUNet(self.arch)
