@@ -111,15 +111,17 @@ def _drain(gen):
         return events, stop.value
 
 
-def test_fine_tune_recalibrates_and_saves_the_thresholds(base_model, tmp_path):
+def _narrow_fine_tune(base_model, seeds, out=None, **kw):
+    """Fine-tune the disc model on narrow-labelled scenes ``seeds``; ``(events, trained)``."""
     torch.manual_seed(0)
-    pairs = [(f"narrow{s}", *scene(s, narrow=True)) for s in (3, 4)]
+    pairs = [(f"narrow{s}", *scene(s, narrow=True)) for s in seeds]
+    cfg = config(epochs=3, lr=3e-3, **kw)
+    return _drain(api.fine_tune(pairs, init=base_model, config=cfg, out=out, device="cpu"))
+
+
+def test_fine_tune_recalibrates_and_saves_the_thresholds(base_model, tmp_path):
     out = tmp_path / "tuned.pt"
-    events, trained = _drain(
-        api.fine_tune(
-            pairs, init=base_model, config=config(epochs=3, lr=3e-3), out=out, device="cpu"
-        )  # fmt: skip
-    )
+    events, trained = _narrow_fine_tune(base_model, (3, 4), out)
     trainer = trained.trainer
     assert trainer.config.recipe == "few-shot" and trainer.config.rehearsal == 4
     prepare = [e.message for e in events if e.stage == "prepare"]
@@ -239,14 +241,8 @@ def test_batchnorm_statistics_are_measured_again_on_the_patches():
 
 
 def test_the_blend_is_a_candidate_of_the_never_worse_choice(base_model, tmp_path):
-    torch.manual_seed(0)
-    pairs = [(f"narrow{s}", *scene(s, narrow=True)) for s in (11, 12)]
     out = tmp_path / "blend.pt"
-    events, trained = _drain(
-        api.fine_tune(
-            pairs, init=base_model, config=config(epochs=3, lr=3e-3), out=out, device="cpu"
-        )  # fmt: skip
-    )
+    events, trained = _narrow_fine_tune(base_model, (11, 12), out)
     trainer, outcome = trained.trainer, trained.result.decision
     assert outcome["blend"] == 0.5 and set(outcome["blended"]) >= {"f1@0.5", "dice"}
     # the candidate is the halfway point of the starting and the fine-tuned weights, its
@@ -281,11 +277,7 @@ def test_the_blend_is_a_candidate_of_the_never_worse_choice(base_model, tmp_path
             torch.testing.assert_close(w[k].float(), v.float())
         assert saved.infer["threshold"] == trainer.blended["infer"].threshold
     # without a blend, no such candidate
-    _e, plain = _drain(
-        api.fine_tune(
-            pairs, init=base_model, config=config(epochs=3, lr=3e-3, blend=0.0), device="cpu"
-        )  # fmt: skip
-    )
+    _e, plain = _narrow_fine_tune(base_model, (11, 12), blend=0.0)
     assert "blended" not in plain.result.decision and plain.trainer.blended is None
     with pytest.raises(ValueError, match="blend must be in"):
         TrainConfig(blend=1.0)

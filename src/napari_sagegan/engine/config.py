@@ -201,9 +201,9 @@ class TrainConfig(_Config):
     # few-shot recipe (api.train.few_shot_recipe); "few-shot" always; "none" never.
     recipe: str = "auto"
     # WiSE-FT (Wortsman et al., 2022): after a fine-tune, the weights ``blend`` of the way
-    # from the starting model to the fine-tuned one (re-calibrated on the validation parts)
-    # (their batch-norm statistics measured again on training patches) are one more
-    # candidate of the never-worse choice; 0 leaves them out. In the few-shot episodes of
+    # from the starting model to the fine-tuned one, their batch-norm statistics measured
+    # again on training patches and their thresholds re-calibrated on the validation parts,
+    # are one more candidate of the never-worse choice; 0 leaves them out. In the few-shot episodes of
     # docs/benchmarks.md (bench_fewshot.py), kept always, they scored at least the
     # fine-tuned weights on 6 of 10 articles, with fewer losses to the starting model.
     blend: float = 0.5

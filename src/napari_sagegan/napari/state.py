@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_sagegan.engine.config import TTA_VIEWS
 from napari_sagegan.napari.layers import PairCandidate
 
 
@@ -509,7 +510,7 @@ class TestTimeViews(Observable):
     """
 
     __test__ = False  # not a pytest test class
-    CHOICES = (1, 2, 4, 8)
+    CHOICES = TTA_VIEWS
 
     def __init__(self) -> None:
         super().__init__()

@@ -726,10 +726,8 @@ class SegmenterTrainer(Fit):
             blended = state_on_cpu(net)
             yield Progress("choose", 1, 3, message="re-calibrating the blended weights")
             blend_infer, blend_point = yield from self._recalibrated(blended, self.infer)
-            net = AttentionUNet(self.arch)
-            net.load_state_dict(blended)
-            blend_m = validate_segmenter(net.to(self.device), self.val_images, self.val_labels,
-                                         blend_infer, device=self.device)  # fmt: skip
+            blend_m = validate_segmenter(net, self.val_images, self.val_labels, blend_infer,
+                                         device=self.device)  # fmt: skip
             candidates.append(("blended", blend_m, blended, blend_infer))
             self.blended = {"state": blended, "infer": blend_infer,
                             "target_diameter": self.config.target_diameter}  # fmt: skip
