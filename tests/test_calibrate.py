@@ -51,6 +51,10 @@ def test_the_chosen_threshold_makes_sizes_unbiased():
     assert abs(float(np.median(size_ratios(lab, gts[0]))) - 1) <= 0.05
     d = point.to_dict()
     assert set(d) >= {"threshold", "seed_threshold", "f1@0.5", "size_bias", "baseline"}
+    # clear discs only: no cut changes F1, so a model's current cut is kept, and none added
+    assert point.min_confidence == 0.0
+    kept = run_to_end(choose_operating_point(maps, gts, [5] * 4, start_confidence=0.1))
+    assert kept.min_confidence == 0.1 and kept.f1 == pytest.approx(point.f1)
 
 
 def test_calibration_refuses_empty_or_mismatched_input():
@@ -70,3 +74,55 @@ def test_size_ratios_measure_linear_size():
     assert size_ratios(np.zeros_like(gt), gt).size == 0
     with pytest.raises(ValueError):
         size_ratios(pred, gt, iou=0.3)
+
+
+def with_faint_false_blobs(seed, n=4, r=6):
+    """``blurred_discs`` plus ``n`` faint blobs (sure by probability, 0.9, but with no centre in
+    the distance map) where the labels have no particle: the network's unsure ones."""
+    prob, dist, lab = blurred_discs(seed)
+    rng = np.random.default_rng(100 + seed)
+    yy, xx = np.mgrid[: prob.shape[0], : prob.shape[1]]
+    placed = 0
+    for _ in range(500):
+        cy, cx = rng.integers(r + 2, prob.shape[0] - r - 2, 2)
+        blob = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        if (ndi.binary_dilation(lab > 0, iterations=6) & blob).any():
+            continue
+        prob[blob] = 0.9
+        dist[blob] = 0.15
+        lab_blocked = ndi.binary_dilation(blob, iterations=6)
+        lab = np.where(lab_blocked & (lab == 0), 0, lab)  # (labels unchanged: no particle)
+        placed += 1
+        if placed == n:
+            break
+    return prob, dist, lab
+
+
+def test_the_minimum_confidence_is_calibrated_after_the_thresholds():
+    data = [with_faint_false_blobs(s) for s in range(3)]
+    maps = [(p, d) for p, d, _ in data]
+    gts = [g for _, _, g in data]
+    point = run_to_end(choose_operating_point(maps, gts, [5] * 3))
+    # the faint blobs are false particles at the chosen threshold; the cut removes them
+    at = evaluate_point(maps, gts, point.threshold, point.seed_threshold, [5] * 3)
+    assert point.threshold < 0.9 and at["f1"] < 0.95
+    assert point.min_confidence > 0 and point.f1 > at["f1"] + 0.1
+    assert point.size_bias == pytest.approx(1.0, abs=0.03)
+    cut = evaluate_point(maps, gts, point.threshold, point.seed_threshold, [5] * 3,
+                         point.min_confidence)  # fmt: skip
+    assert cut["f1"] == pytest.approx(point.f1)
+    assert point.infer_overrides()["min_confidence"] == point.min_confidence
+    assert point.to_dict()["min_confidence"] == point.min_confidence
+    assert "confidence" in point.describe()
+    # thresholds alone when asked; and a current cut as good as any is kept (ties: no change)
+    alone = run_to_end(choose_operating_point(maps, gts, [5] * 3, min_confidences=(0.0,)))
+    assert alone.min_confidence == 0.0 and alone.threshold == point.threshold
+    again = run_to_end(
+        choose_operating_point(
+            maps, gts, [5] * 3, start=(point.threshold, point.seed_threshold),
+            start_confidence=point.min_confidence,
+        )
+    )  # fmt: skip
+    assert again.min_confidence == point.min_confidence
+    assert again.baseline["min_confidence"] == point.min_confidence
+    assert again.baseline["f1@0.5"] == pytest.approx(point.f1)

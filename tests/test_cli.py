@@ -302,11 +302,14 @@ def test_segment_report(trained):
     for entry in report["images"]:
         assert set(entry) == {
             "file", "diameter_px", "diameter_source", "confidence", "resample_factor",
-            "threshold", "seed_threshold", "tta_views", "n_particles", "pixel_size_nm",
+            "threshold", "seed_threshold", "tta_views", "min_confidence", "unsure_left_out",
+            "n_particles", "pixel_size_nm",
             "pixel_size_source", "excluded", "nonfinite_pixels",
         }  # fmt: skip
         assert entry["nonfinite_pixels"] == 0  # PNGs: integers, never NaN
         assert entry["tta_views"] == 1  # no test-time augmentation unless asked
+        # the model file's own minimum confidence (none in this one): every particle kept
+        assert entry["min_confidence"] == 0.0 and entry["unsure_left_out"] == 0
         assert entry["diameter_px"] == 14.0 and entry["diameter_source"] == "given"
         assert entry["resample_factor"] == pytest.approx(32 / 14)
         assert entry["confidence"] is None or isinstance(entry["confidence"], float)

@@ -140,7 +140,7 @@ def test_an_unknown_engine_is_refused():
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("export") / "tiny.pt"
     arch = preset("tiny")
-    infer = InferConfig(threshold=0.55, seed_threshold=0.35)
+    infer = InferConfig(threshold=0.55, seed_threshold=0.35, min_confidence=0.4)
     Checkpoint.from_model(_net(1), arch=arch, infer=infer, target_diameter=24.0).save(path)
     return path
 
@@ -159,6 +159,7 @@ def test_export_writes_an_onnx_file_with_metadata_that_runs(checkpoint, tmp_path
     assert meta["format"] == "napari-sagegan-onnx"
     assert meta["target_diameter_px"] == "24"
     assert meta["threshold"] == "0.55" and meta["seed_threshold"] == "0.35"
+    assert meta["min_confidence"] == "0.4" and "min_confidence" in meta["usage"]
     assert meta["divisor"] == "4"
     norm = json.loads(meta["normalization"])
     assert (norm["low_percentile"], norm["high_percentile"]) == (0.5, 99.8)

@@ -346,3 +346,34 @@ def test_estimate_warns_and_offers_the_scale_bar_pixel_size(
     widget.diameter_spin.setValue(32.0)
     run_and_wait(qtbot, widget)
     assert "annotations left out: scale bar (55 px)" in widget.result_label.text()
+
+
+def test_the_minimum_confidence_comes_from_the_model_and_what_it_leaves_out_is_said(
+    make_napari_viewer, qtbot, tiny_model, tmp_path
+):
+    from napari_sagegan.engine.checkpoint import Checkpoint
+    from napari_sagegan.engine.infer.segment import Segmenter
+
+    ck = Checkpoint.load(tiny_model).to_dict()
+    ck["infer"] = {**dict(ck.get("infer") or {}), "min_confidence": 0.3}
+    cut_model = Checkpoint.from_dict(ck).save(tmp_path / "cut.pt")
+    viewer = make_napari_viewer()
+    img, _lab = disc_scene()
+    viewer.add_image(img, name="discs")
+    widget = make_widget(viewer, cut_model)
+    assert widget.confidence_spin.value() == pytest.approx(0.3)  # the model's calibration
+    assert widget.ready_arguments()["infer"]["min_confidence"] == pytest.approx(0.3)
+    # above the median confidence of these discs: some are left out, and the dock says so
+    seg = Segmenter.load(str(cut_model), device="cpu")
+    full = seg.segment_sync(img, seg.default_infer_config(tile_size=64, min_confidence=0.0))
+    cut = round(float(np.median(full.confidence[1:])) + 0.005, 2)
+    n_low = int((full.confidence[1:] < cut).sum())
+    assert 0 < n_low < 8
+    widget.tile_spin.setValue(64)
+    widget.confidence_spin.setValue(cut)
+    run_and_wait(qtbot, widget)
+    layer = viewer.layers["discs labels"]
+    assert len(np.unique(layer.data)) - 1 == 8 - n_low
+    assert f"{n_low} particle" in widget.result_label.text()
+    assert "unsure" in widget.result_label.text()
+    assert "a minimum confidence of 0 keeps them" in widget.result_label.text()

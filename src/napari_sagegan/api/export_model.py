@@ -96,7 +96,7 @@ def onnx_metadata(segmenter: Any, source: str) -> dict[str, str]:
     ``normalization`` (JSON: the percentile stretch to ``[-1, 1]``), ``target_diameter_px``
     (the network scale: particle diameter, network pixels, images are resampled to; empty
     when images are used at their own scale), ``threshold``, ``seed_threshold``,
-    ``min_size_px``, ``infer`` (JSON: all inference settings), ``arch`` (JSON),
+    ``min_size_px``, ``min_confidence``, ``infer`` (JSON: all inference settings), ``arch`` (JSON),
     ``metrics`` (JSON) and ``usage``.
     """
     import inspect
@@ -130,6 +130,7 @@ def onnx_metadata(segmenter: Any, source: str) -> dict[str, str]:
         "threshold": f"{infer.threshold:g}",
         "seed_threshold": f"{infer.seed_threshold:g}",
         "min_size_px": str(infer.min_size),
+        "min_confidence": f"{infer.min_confidence:g}",
         "infer": json.dumps(infer.to_dict()),
         "arch": json.dumps(dict(ckpt.get("arch") or {})),
         "metrics": json.dumps(dict(ckpt.get("metrics") or {})),
@@ -138,7 +139,9 @@ def onnx_metadata(segmenter: Any, source: str) -> dict[str, str]:
             "normalise it as 'normalization' says, pad both sides to a multiple of 'divisor' "
             "(tiles of infer.tile_size with overlap), run; particles: maps[:, 0] > threshold, "
             "split at maps[:, 1] > seed_threshold (watershed), objects under min_size_px "
-            "removed"
+            "removed, then the particles whose confidence (napari_sagegan.engine.infer."
+            "confidence: geometric mean of interior probability, contrast to a 2-px ring and "
+            "distance peak) is under min_confidence"
         ),
     }
     return meta

@@ -259,6 +259,24 @@ class Segmented:
         return describe_nonfinite(self.name, self.nonfinite, self.n_pixels)
 
     @property
+    def unsure(self) -> int | None:
+        """Particles left out because the network's confidence in them was under
+        ``config.min_confidence`` (``None`` where not counted: block by block)."""
+        n = getattr(self.extra, "unsure", None)
+        return None if n is None else int(n)
+
+    def describe_unsure(self, keep: str = "sagegan segment --min-confidence 0") -> str:
+        """One line saying how many unsure particles were left out and how to ``keep``
+        them (``""`` when none)."""
+        n = self.unsure
+        if not n:
+            return ""
+        return (
+            f"{self.name}: {n} particle{'s' if n != 1 else ''} the network was unsure of "
+            f"(confidence under {self.config.min_confidence:g}) left out ({keep} keeps them)"
+        )
+
+    @property
     def confidence(self) -> np.ndarray | None:
         """Per-particle confidence in [0, 1] indexed by label (``confidence[label]``), see
         :mod:`napari_sagegan.engine.infer.confidence`; ``None`` when not computed."""
@@ -281,6 +299,8 @@ class Segmented:
             "threshold": float(self.config.threshold),
             "seed_threshold": float(self.config.seed_threshold),
             "tta_views": int(self.config.tta),
+            "min_confidence": float(self.config.min_confidence),
+            "unsure_left_out": self.unsure,
             "n_particles": int(self.n_particles),
             "pixel_size_nm": self.pixel_size.nm,
             "pixel_size_source": self.pixel_size.source if self.pixel_size.known else None,

@@ -3,8 +3,9 @@
 Writes ``OUT/<stem>.tif`` per input (calibrated when the pixel size is known), with
 ``--csv`` ``OUT/<stem>.csv`` + ``OUT/<stem>.summary.json``, and ``OUT/segment_report.json``
 (per image: the particle diameter used and where it came from, the resampling factor, the
-thresholds, the particle count, the pixel size, the annotations left out, the count of
-non-finite pixels). Everything is staged and moved into place at the end. The work is
+thresholds, the minimum particle confidence and how many particles it left out, the
+particle count, the pixel size, the annotations left out, the count of non-finite
+pixels). Everything is staged and moved into place at the end. The work is
 :func:`napari_sagegan.api.segment`'s. ``--channel N`` picks the channel of multi-channel
 images (refused without it).
 
@@ -79,6 +80,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--threshold", type=float, default=None, help="particle probability")
     s.add_argument("--no-split", action="store_true", help="do not split touching particles")
+    s.add_argument(
+        "--min-confidence",
+        type=float,
+        default=None,
+        metavar="C",
+        help="leave out the particles the network is less sure of than C, in [0, 1) "
+        "(default: the model's calibrated value; 0 keeps every particle)",
+    )
     s.add_argument(
         "--tta",
         type=int,
@@ -221,6 +230,9 @@ def notes(r: Any) -> list[str]:
     excluded = r.describe_excluded()
     if excluded:
         lines.append(f"{r.name}: {excluded}")
+    unsure = r.describe_unsure()
+    if unsure:
+        lines.append(unsure)
     bar = r.scale_bar
     if bar is not None:
         line = f"{r.name}: no pixel size, but a scale bar of {bar.length_px:.0f} px was found"
@@ -290,6 +302,7 @@ def run(args: argparse.Namespace) -> int:
         "engine": args.engine,
         "precision": args.precision,
         "tta": args.tta,
+        "min_confidence": args.min_confidence,
     }
     if args.scheduler is not None or args.workers is not None:
         return run_distributed(args, infer)
@@ -440,6 +453,7 @@ def run_blocks(args: argparse.Namespace) -> int:
             "engine": args.engine,
             "precision": args.precision,
             "tta": args.tta,
+            "min_confidence": args.min_confidence,
         },
         scheduler=args.scheduler,
         workers=args.workers,

@@ -401,6 +401,18 @@ class InferConfig(_Config):
         images 0.743 -> 0.747) in 1.21x the time, but lowered it on 40 images of the
         training articles (mean 0.730 -> 0.712), and a large image takes 2.5x (8 views:
         4.7x) as long.
+    min_confidence : float
+        Particles whose confidence (:mod:`~napari_sagegan.engine.infer.confidence`) is
+        below this are left out of the labels, in [0, 1); 0 keeps every particle. A
+        calibrated setting: :mod:`~napari_sagegan.engine.infer.calibrate` chooses it on
+        labelled images after the thresholds and stores it in the checkpoint. The bundled
+        model's 0.45 was chosen on the particles the whole pipeline finds (size found) on its
+        selection set (16 images of training articles plus 8 generated pairs; its threshold
+        went from 0.4 to 0.45 in the same calibration); on the 45 leave-source-out images
+        the two raised F1@0.5 from 0.742 to 0.785 (mean over images; pooled 0.668 -> 0.763)
+        with Dice unchanged (0.849 / 0.848), and on the generated 6-300 px images left it
+        where it was (0.932 -> 0.931), in ``python benchmarks/bench_size.py``
+        (docs/benchmarks.md, section ``size``).
 
     ``tile_size`` and ``min_size`` are in network pixels when the image is resampled.
     """
@@ -425,8 +437,14 @@ class InferConfig(_Config):
     vote_below: float = 0.7
     vote_stop: float = 0.6
     tta: int = 1
+    min_confidence: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(float(self.min_confidence)) and 0.0 <= self.min_confidence < 1.0):
+            raise ValueError(
+                "min_confidence is the particle confidence under which a particle is left out, "
+                f"in [0, 1) (0: keep every particle), got {self.min_confidence!r}"
+            )
         if not 0.0 <= float(self.vote_below):
             raise ValueError(
                 "vote_below is the scale ladder's confidence under which full passes at the "

@@ -154,8 +154,9 @@ def segment_layers(
         The api's events; ``stage="image"`` events carry ``data["result"]`` as a
         :class:`LayerResult` (with its particle table, its labels in their display dtype
         and their fingerprint, all made here in the worker), so finished images survive
-        Cancel, and ``data["annotations"]``: a line naming the burned-in annotations left
-        out (``""`` when none).
+        Cancel, ``data["annotations"]``: a line naming the burned-in annotations left
+        out, and ``data["unsure"]``: one saying how many particles the network was unsure of
+        were left out (``InferConfig.min_confidence``; both ``""`` when none).
 
     Returns
     -------
@@ -193,7 +194,8 @@ def segment_layers(
         results.append(result)
         return Progress(ev.stage, tiles[0], tiles[1], tiles[2], ev.message,
                         {**ev.data, "result": result,
-                         "annotations": res.describe_excluded()})  # fmt: skip
+                         "annotations": res.describe_excluded(),
+                         "unsure": res.describe_unsure("a minimum confidence of 0")})  # fmt: skip
 
     micrographs = [
         api.Micrograph(im.name, im.data, PixelSize(im.pixel_size_nm, "layer")) for im in images

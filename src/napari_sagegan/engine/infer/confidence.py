@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["RING", "particle_confidence", "with_confidence"]
+__all__ = ["RING", "drop_unsure", "particle_confidence", "with_confidence"]
 
 #: Width of the outer ring, pixels.
 RING = 2
@@ -164,6 +164,37 @@ def particle_confidence(
     conf[conf < 1e-6] = 0.0
     out[ids] = conf.astype(np.float32)
     return out
+
+
+def drop_unsure(
+    labels: np.ndarray, confidence: np.ndarray, min_confidence: float
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Leave out the particles whose confidence is below ``min_confidence``.
+
+    ``confidence`` is indexed by label (:func:`particle_confidence`). Returns
+    ``(labels, confidence, removed)``: the labels kept, numbered again 1..n in their order,
+    their confidences indexed the same way, and how many particles were left out. With
+    ``min_confidence`` 0 (or nothing to leave out) the inputs come back as they are.
+    """
+    if not 0.0 <= float(min_confidence) < 1.0:
+        raise ValueError(f"min_confidence must be in [0, 1), got {min_confidence}")
+    conf = np.asarray(confidence, np.float32)
+    n = int(conf.size) - 1
+    if min_confidence <= 0.0 or n < 1:
+        return labels, conf, 0
+    present = ~np.isnan(conf[1:])
+    low = present & (conf[1:] < min_confidence)
+    removed = int(low.sum())
+    if removed == 0:
+        return labels, conf, 0
+    keep = present & ~low
+    lut = np.zeros(n + 1, labels.dtype)
+    lut[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=labels.dtype)
+    out = np.empty_like(labels)
+    for r0, r1 in _row_blocks(labels.shape):  # no full-size temporary beyond ``out``
+        out[r0:r1] = lut[labels[r0:r1]]
+    new_conf = np.concatenate([np.full(1, np.nan, np.float32), conf[1:][keep]])
+    return out, new_conf, removed
 
 
 def with_confidence(table: Any, confidence: Any, label_column: str = "label") -> Any:

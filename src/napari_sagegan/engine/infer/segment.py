@@ -18,7 +18,7 @@ import contextlib
 import math
 import os
 from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -37,7 +37,7 @@ from ..nets.attention_unet import (
 from .annotations import exclude as exclude_annotations
 from .annotations import find_annotations
 from .autoscale import LADDER, MIN_COUNT, search_scale
-from .confidence import particle_confidence
+from .confidence import drop_unsure, particle_confidence
 from .postprocess import instances_from_maps
 from .scale import (
     ScaleInfo,
@@ -106,6 +106,8 @@ class SegmentResult:
         Per-particle confidence in [0, 1], indexed by label (``confidence[label]``; ``NaN``
         at 0), from the maps the labels were cut from
         (:func:`~.confidence.particle_confidence`); always computed, maps kept or not.
+    unsure : int
+        Particles left out because their confidence was under ``InferConfig.min_confidence``.
     """
 
     labels: np.ndarray
@@ -117,6 +119,7 @@ class SegmentResult:
     excluded: list[dict[str, Any]] = field(default_factory=list)
     confidence: np.ndarray | None = None
     nonfinite: int = 0
+    unsure: int = 0
 
 
 #: How much more confident (mean per-particle confidence, :mod:`.confidence`) the network
@@ -306,10 +309,15 @@ class Segmenter:
         return describe_device(self.device)
 
     def default_infer_config(self, **overrides: Any) -> InferConfig:
-        """The checkpoint's recommended inference settings, with ``overrides`` applied."""
+        """The checkpoint's recommended inference settings, with ``overrides`` applied.
+
+        A stored setting this version does not know (written by a version that had it, such
+        as the removed ``vote_window``) is ignored, so that older model files keep loading;
+        an unknown key in ``overrides`` is refused."""
+        known = {f.name for f in fields(InferConfig)}
         stored = {
             k: v for k, v in dict(self.checkpoint.get("infer") or {}).items()
-            if k not in _RUNTIME_FIELDS
+            if k in known and k not in _RUNTIME_FIELDS
         }  # fmt: skip
         stored.update({k: v for k, v in overrides.items() if v is not None})
         return InferConfig.from_dict(stored)
@@ -872,7 +880,7 @@ class Segmenter:
         prob = dist = att = None
         offset = 0
         excluded: list[dict[str, Any]] = []
-        nonfinite = 0
+        nonfinite = unsure = 0
         scores: list[np.ndarray] = [np.full(1, np.nan, np.float32)]  # index 0: background
         for z in slices:
             if first is not None and z == ref_z:
@@ -887,11 +895,14 @@ class Segmenter:
             nonfinite += n_missing
             for item in ex:
                 excluded.append(item if z is None else {**item, "slice": int(z)})
-            n = int(lab.max())
-            # per-particle confidence, from the maps these labels were cut from
+            # per-particle confidence, from the maps these labels were cut from; the
+            # particles under the calibrated minimum are left out
             conf = particle_confidence(
                 lab, maps[0], maps[1] if has_dist else None, threshold=config.threshold
             )
+            lab, conf, n_low = drop_unsure(lab, conf, config.min_confidence)
+            unsure += n_low
+            n = int(conf.size) - 1
             scores.append(conf[1:])  # the stack labels offset + 1 .. offset + n
             if z is None:
                 labels = lab
@@ -920,6 +931,7 @@ class Segmenter:
             excluded=excluded,
             confidence=np.concatenate(scores),
             nonfinite=nonfinite,
+            unsure=unsure,
         )
 
     def segment_sync(

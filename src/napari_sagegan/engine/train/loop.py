@@ -77,6 +77,7 @@ def validate_segmenter(
     """Segment ``images`` with ``model`` (tiled, as at inference) and score them against
     ``labels``: the mean of :func:`~napari_sagegan.engine.analysis.metrics.evaluate_pair`
     (``dice``, ``f1@0.5``, ...); ``{}`` without images. The model is left in train mode."""
+    from ..infer.confidence import drop_unsure, particle_confidence
     from ..infer.postprocess import instances_from_maps
     from ..infer.tiling import predict_tiled
     from ..nets.attention_unet import maps_from_logits
@@ -112,6 +113,11 @@ def validate_segmenter(
             fill_holes=infer.fill_holes,
             min_size=infer.min_size,
         )
+        if infer.min_confidence > 0:  # the calibrated cut, as at inference
+            conf = particle_confidence(
+                pred, maps[0], maps[1] if arch.dist_head else None, threshold=infer.threshold
+            )
+            pred = drop_unsure(pred, conf, infer.min_confidence)[0]
         rows.append(evaluate_pair(pred, np.asarray(lab)))
     model.train()
     return mean_metrics(rows)

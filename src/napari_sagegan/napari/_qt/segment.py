@@ -114,6 +114,16 @@ class SegmentWidget(ModelDock):
         self.threshold_spin = double_spin_box(
             0.05, 0.95, 0.5, decimals=2, step=0.05, tooltip="Particle probability threshold"
         )
+        self.confidence_spin = double_spin_box(
+            0.0,
+            0.95,
+            0.0,
+            decimals=2,
+            step=0.05,
+            tooltip="Leave out the particles the network is less sure of than this (their "
+            "confidence, 0-1, is a column of the particle table); 0 keeps every particle. "
+            "Set from the model's calibration when a model is chosen",
+        )
         self.diameter_spin = double_spin_box(
             0.0,
             100000.0,
@@ -202,6 +212,7 @@ class SegmentWidget(ModelDock):
         form.addRow("Device", device_row)
         form.addRow("Tile size", self.tile_spin)
         form.addRow("Threshold", self.threshold_spin)
+        form.addRow("Min. confidence", self.confidence_spin)
         form.addRow("Particle size", diameter_row)
         form.addRow("", self.size_label)
         form.addRow("", self.pixel_size_button)
@@ -290,6 +301,8 @@ class SegmentWidget(ModelDock):
             return
         if "threshold" in infer:
             self.threshold_spin.setValue(float(infer["threshold"]))
+        # every model has one: 0 (every particle kept) for a model calibrated without it
+        self.confidence_spin.setValue(float(infer.get("min_confidence", 0.0)))
         if "split" in infer:
             self.split_check.setChecked(bool(infer["split"]))
 
@@ -478,6 +491,7 @@ class SegmentWidget(ModelDock):
         return {
             "tile_size": int(self.tile_spin.value()),
             "threshold": float(self.threshold_spin.value()),
+            "min_confidence": float(self.confidence_spin.value()),
             "split": bool(self.split_check.isChecked()),
             "tta": self.views.views,
         }
@@ -528,10 +542,12 @@ class SegmentWidget(ModelDock):
             used = str(ev.data["device"]).replace("(1 threads)", "(1 thread)")
             self.device_label.setText(f"used: {used}")
         if ev.stage == "image":
-            self.later(self._add_result, ev.data["result"], ev.data.get("annotations"))
+            notes = [ev.data.get("annotations"), ev.data.get("unsure")]
+            self.later(self._add_result, ev.data["result"], "; ".join(filter(None, notes)))
 
     def _add_result(self, result: Any, annotations: str | None) -> None:
-        """One finished image into the viewer (one turn of the event loop)."""
+        """One finished image into the viewer (one turn of the event loop); ``annotations``:
+        what was left out of it (burned-in annotations, unsure particles)."""
         line = add_result(self.viewer, result, replace=self.result_layers.replace)
         self._n_done += 1
         self._add_line(line + (f"; {annotations}" if annotations else ""))
